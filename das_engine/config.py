@@ -1,0 +1,130 @@
+"""Training configuration as data (a dataclass), validated once, serialised with the lineage."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from das_engine.errors import ConfigError
+
+STRATEGIES = ("das", "ncl", "one")
+MASK_MODES = ("update", "gradient")
+NORMALIZATIONS = ("paper", "one_sided", "rank")
+
+
+@dataclass
+class TrainingConfig:
+    """Everything that decides how one domain is trained; stored in ``lineage.json``."""
+
+    strategy: str = "das"
+    # optimisation
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    warmup_ratio: float = 0.0
+    block_size: int = 128
+    mlm_probability: float = 0.15
+    seed: int = 42
+    # DAS
+    mask_mode: Literal["update", "gradient"] = "update"
+    normalization: Literal["paper", "one_sided", "rank"] = "paper"
+    contrast_weight: float = 1.0  # lambda
+    temperature: float = 0.05  # tau
+    importance_sample_ratio: float = 0.25  # share of the domain's chunks used for importance
+    importance_max_batches: int = 32
+    freeze_embeddings: bool = False
+    freeze_layernorm: bool = False
+    # evaluation and bookkeeping
+    eval_fraction: float = 0.05
+    eval_max_batches: int = 16
+    checkpoint_every: int = 50
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------
+    def validate(self) -> None:
+        problems: list[dict] = []
+
+        def bad(name: str, why: str) -> None:
+            problems.append({"field": name, "message": why})
+
+        def in_range(name: str, lo: float, hi: float, *, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+            elif (v <= lo if lo_open else v < lo) or v > hi:
+                left = "(" if lo_open else "["
+                bad(name, f"must be in {left}{lo}, {hi}], got {v}")
+
+        if self.strategy not in STRATEGIES:
+            bad("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.mask_mode not in MASK_MODES:
+            bad("mask_mode", f"must be one of {', '.join(MASK_MODES)}")
+        if self.normalization not in NORMALIZATIONS:
+            bad("normalization", f"must be one of {', '.join(NORMALIZATIONS)}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            bad("mixed_precision", "must be one of auto, no, bf16, fp16")
+        in_range("learning_rate", 0.0, 1.0, lo_open=True)
+        in_range("weight_decay", 0.0, 1.0)
+        in_range("warmup_ratio", 0.0, 0.5)
+        in_range("mlm_probability", 0.0, 0.9, lo_open=True)
+        in_range("contrast_weight", 0.0, 100.0)
+        in_range("temperature", 0.0, 10.0, lo_open=True)
+        in_range("importance_sample_ratio", 0.0, 1.0, lo_open=True)
+        in_range("eval_fraction", 0.0, 0.5, lo_open=True)
+        in_range("epochs", 0.0, 1000.0, lo_open=True)
+        for name, lo, hi in (
+            ("batch_size", 1, 4096),
+            ("grad_accum", 1, 1024),
+            ("block_size", 8, 8192),
+            ("importance_max_batches", 1, 100000),
+            ("eval_max_batches", 1, 100000),
+            ("checkpoint_every", 1, 10**7),
+            ("seed", 0, 2**31 - 1),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                bad(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
+        if self.max_steps is not None and (
+            isinstance(self.max_steps, bool)
+            or not isinstance(self.max_steps, int)
+            or not 1 <= self.max_steps <= 10**7
+        ):
+            bad("max_steps", f"must be null or an integer in [1, 10000000], got {self.max_steps!r}")
+        if problems:
+            raise ConfigError(
+                "invalid hyper-parameters: "
+                + "; ".join(f"{p['field']} {p['message']}" for p in problems),
+                details=problems,
+            )
+
+    # -- (de)serialisation ------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> TrainingConfig:
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown hyper-parameter(s): {', '.join(unknown)}",
+                details=[{"field": u, "message": "unknown hyper-parameter"} for u in unknown],
+            )
+        try:
+            return cls(**data)
+        except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+            raise ConfigError(str(exc)) from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,207 @@
+"""Unit importance: the gradient magnitude of a loss w.r.t. each unit's gate, averaged
+over batches, normalised per layer and unit kind, and accumulated with element-wise max.
+
+General knowledge uses the proxy KL between two dropout views (spec, step 0); a domain
+uses its own LM loss. Snapshots are safetensors files with their unit kinds and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from das_engine.errors import ImportanceError
+from das_engine.objective import lm_forward
+from das_engine.units import UNIT_KINDS, UnitMap, gates_attached, ones_gates
+
+
+@dataclass
+class Importance:
+    """Per-unit importance in [0, 1): ``values[kind]`` has shape [layers, units]."""
+
+    values: dict[str, torch.Tensor]
+
+    def emax(self, other: Importance) -> Importance:
+        """Element-wise max: the accumulated importance I_acc = EMax(I_1, ..., I_t)."""
+        return Importance({k: torch.maximum(self.values[k], other.values[k]) for k in UNIT_KINDS})
+
+    def permuted(self, seed: int) -> Importance:
+        """Same values shuffled onto random units within each layer and kind (a control)."""
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for k, v in self.values.items():
+            perms = torch.stack(
+                [torch.randperm(v.shape[1], generator=gen) for _ in range(v.shape[0])]
+            )
+            out[k] = torch.gather(v, 1, perms)
+        return Importance(out)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {
+            k: {
+                "mean": float(v.mean()),
+                "max": float(v.max()),
+                "share_above_half": float((v > 0.5).float().mean()),
+            }
+            for k, v in self.values.items()
+        }
+
+    def save(self, path: Path, kind: str, extra: dict | None = None) -> None:
+        """Write atomically (temp file, fsync, rename) so a crash never leaves half a file."""
+        from das_engine.storage import atomic_path
+
+        meta = {
+            "kind": kind,
+            "unit_kinds": json.dumps(list(UNIT_KINDS)),
+            "shapes": json.dumps({k: list(v.shape) for k, v in self.values.items()}),
+        }
+        meta.update({k: str(v) for k, v in (extra or {}).items()})
+        with atomic_path(path) as tmp:
+            save_file(
+                {k: v.detach().float().cpu().contiguous() for k, v in self.values.items()},
+                str(tmp),
+                meta,
+            )
+
+    @classmethod
+    def load(cls, path: Path) -> Importance:
+        tensors = load_file(str(path))
+        missing = [k for k in UNIT_KINDS if k not in tensors]
+        if missing:
+            raise ImportanceError(f"importance snapshot {path} lacks unit kinds {missing}")
+        return cls({k: tensors[k] for k in UNIT_KINDS})
+
+
+def standardize(raw: torch.Tensor) -> torch.Tensor:
+    """Per layer (row): mean 0, std 1 across that layer's units; a constant row gives 0."""
+    mean = raw.mean(dim=1, keepdim=True)
+    std = raw.std(dim=1, keepdim=True, unbiased=False)
+    return torch.where(std > 0, (raw - mean) / std.clamp_min(1e-12), torch.zeros_like(raw))
+
+
+def normalize(raw: dict[str, torch.Tensor], method: str = "paper") -> Importance:
+    """Map raw |grad| averages to [0, 1).
+
+    ``paper``: |tanh(z)| (the published rule; note it also rewards *below*-average units);
+    ``one_sided``: tanh(max(z, 0)) (only above-average units count);
+    ``rank``: the unit's rank quantile within its layer, r / n.
+    """
+    out = {}
+    for kind, x in raw.items():
+        x = x.float()
+        if method == "paper":
+            out[kind] = torch.tanh(standardize(x)).abs()
+        elif method == "one_sided":
+            out[kind] = torch.tanh(standardize(x).clamp_min(0.0))
+        elif method == "rank":
+            ranks = x.argsort(dim=1).argsort(dim=1).float()
+            out[kind] = ranks / x.shape[1]
+        else:
+            raise ValueError(f"unknown normalization {method!r}")
+        # tanh rounds to exactly 1.0 in float32 for z > ~9; keep the [0, 1) contract
+        out[kind] = out[kind].clamp(0.0, 1.0 - 1e-6)
+    return Importance(out)
+
+
+LossFn = Callable[[nn.Module, UnitMap, dict], torch.Tensor]
+
+
+def raw_gate_gradients(
+    model: nn.Module, unit_map: UnitMap, batches: Iterable[dict], loss_fn: LossFn
+) -> dict[str, torch.Tensor]:
+    """I_u = (1/N) sum_n |dL(x_n)/dg_u| with all gates at 1.
+
+    ``torch.autograd.grad`` returns fresh gradients per batch, which is exactly "zero the
+    gate grads between batches" (the research code forgot to, defect 4).
+    """
+    device = next(model.parameters()).device
+    gates = ones_gates(unit_map, device)
+    total = {k: torch.zeros_like(g) for k, g in gates.items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # only gate gradients are needed: skip weight grads
+    n = 0
+    try:
+        with gates_attached(model, unit_map, gates):
+            for batch in batches:
+                loss = loss_fn(model, unit_map, batch)
+                grads = torch.autograd.grad(loss, [gates[k] for k in UNIT_KINDS], allow_unused=True)
+                for k, g in zip(UNIT_KINDS, grads, strict=True):
+                    if g is not None:
+                        total[k] += g.detach().abs()
+                n += 1
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    if n == 0:
+        raise ImportanceError("importance needs at least one batch")
+    return {k: (v / n).cpu() for k, v in total.items()}
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    if not model.training:
+        return False
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    return float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0
+
+
+def proxy_kl_loss(model: nn.Module, unit_map: UnitMap, batch: dict) -> torch.Tensor:
+    """KL(softmax(f1) || softmax(f2)) over the hidden dim, f1/f2 two dropout views of x."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    f1 = model.base_model(**kwargs).last_hidden_state.float()
+    f2 = model.base_model(**kwargs).last_hidden_state.float()
+    kl = F.kl_div(F.log_softmax(f2, -1), F.log_softmax(f1, -1), log_target=True, reduction="none")
+    per_token = kl.sum(-1)
+    mask = batch["attention_mask"].to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def domain_loss(model: nn.Module, unit_map: UnitMap, batch: dict) -> torch.Tensor:
+    return lm_forward(model, unit_map, batch).loss
+
+
+def general_importance(
+    model: nn.Module, unit_map: UnitMap, batches: list[dict], normalization: str = "paper"
+) -> Importance:
+    """Step 0: importance for the general knowledge via the robustness proxy.
+
+    Refuses to run with dropout off: both views would be identical, the KL identically 0,
+    and the "importance" floating-point noise (defect 1 of the research code).
+    """
+    was_training = model.training
+    model.train()
+    try:
+        if not has_active_dropout(model):
+            raise ImportanceError(
+                "proxy-KL importance needs dropout: this model has none active, so both views "
+                "are identical and KL = 0; set a dropout probability > 0 in the model config"
+            )
+        with torch.no_grad():
+            probe = proxy_kl_loss(model, unit_map, batches[0])
+        if float(probe) == 0.0:
+            raise ImportanceError("proxy KL is exactly 0: the two dropout views are identical")
+        raw = raw_gate_gradients(model, unit_map, batches, proxy_kl_loss)
+    finally:
+        model.train(was_training)
+    return normalize(raw, normalization)
+
+
+def domain_importance(
+    model: nn.Module, unit_map: UnitMap, batches: list[dict], normalization: str = "paper"
+) -> Importance:
+    """Importance of the units for a domain, from that domain's own LM loss (eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        raw = raw_gate_gradients(model, unit_map, batches, domain_loss)
+    finally:
+        model.train(was_training)
+    return normalize(raw, normalization)

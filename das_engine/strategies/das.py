@@ -1,0 +1,75 @@
+"""DAS: soft-masked DAP-training plus contrastive knowledge integration (spec, "Training
+domain t"). One step, in the spec's order:
+
+1. L_MLM on view 1 of x (full model, dropout on);
+2. o_i, o_i+: mean-pooled last hidden states of two dropout views of the same x_i
+   (both views run as one doubled batch, so row i and row B+i are always x_i);
+3. o_prev: the gated "previous knowledge" view, gates = I_acc, no gradient;
+4. L_DAP = L_MLM + lambda * InfoNCE(o, o+, o_prev);
+5. the optimizer's change to unit-writing parameters is scaled by (1 - I_acc).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from das_engine.contrastive import info_nce
+from das_engine.objective import IGNORE, lm_forward, mean_pool
+from das_engine.softmask import SoftMask
+from das_engine.strategies.base import StageContext, Strategy
+from das_engine.units import gates_attached
+
+
+class DAS(Strategy):
+    name = "das"
+    uses_importance = True
+
+    def prepare(self, ctx: StageContext) -> None:
+        super().prepare(ctx)
+        self.mask = (
+            SoftMask(ctx.unit_map, ctx.accumulated, ctx.config.mask_mode)
+            if ctx.accumulated is not None
+            else None
+        )
+        device = next(ctx.model.parameters()).device
+        self.prev_gates = (
+            {k: v.to(device) for k, v in ctx.accumulated.values.items()}
+            if ctx.accumulated is not None
+            else None
+        )
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        lam = self.config.contrast_weight
+        if lam == 0 or self.prev_gates is None:
+            return super().loss(model, batch)
+        b = batch["input_ids"].shape[0]
+        # (1)+(2): two dropout views of the same inputs in one forward pass
+        doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
+        doubled["labels"] = torch.cat([batch["labels"], torch.full_like(batch["labels"], IGNORE)])
+        out = lm_forward(model, self.ctx.unit_map, doubled)
+        pooled = mean_pool(out.hidden, doubled["attention_mask"])
+        anchor, positive = pooled[:b], pooled[b:]
+        # (3): previous knowledge only: gates set to the accumulated importance
+        with torch.no_grad(), gates_attached(model, self.ctx.unit_map, self.prev_gates):
+            prev_hidden = model.base_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+        previous = mean_pool(prev_hidden, batch["attention_mask"])
+        # (4)
+        contrast = info_nce(anchor, positive, previous, self.config.temperature)
+        total = out.loss + lam * contrast
+        return total, {"lm_loss": float(out.loss.detach()), "contrast": float(contrast.detach())}
+
+    # (5)
+    def after_backward(self) -> None:
+        if self.mask is not None:
+            self.mask.after_backward()
+
+    def before_step(self) -> None:
+        if self.mask is not None:
+            self.mask.before_step()
+
+    def after_step(self) -> None:
+        if self.mask is not None:
+            self.mask.after_step()

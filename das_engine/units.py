@@ -1,0 +1,258 @@
+"""Unit maps: which module of an architecture writes each unit (attention head, FFN
+intermediate neuron, FFN output neuron), and the forward-hook gates that scale them.
+
+Adding a model family means adding one ``Family`` entry; nothing copies model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from das_engine.errors import UnsupportedArchitectureError
+
+UNIT_KINDS = ("head", "intermediate", "output")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module paths (relative to one transformer layer) of a model family."""
+
+    layers: str  # path of the layer list, relative to the base model
+    objective: str  # "mlm" or "clm"
+    head: str  # attribute of the task model holding the LM head
+    attn_out: str  # projection whose *input* is the concatenated head contexts
+    ffn_in: tuple[str, ...]  # projection(s) whose outputs are the intermediate neurons
+    ffn_out: str  # projection from intermediate neurons to the hidden size
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    fused_qkv: str | None = None  # GPT-2 style c_attn holding q|k|v
+    conv1d: bool = False  # GPT-2 Conv1D stores weights as [in, out]
+
+
+_BERT = Family(
+    layers="encoder.layer",
+    objective="mlm",
+    head="cls",
+    q="attention.self.query",
+    k="attention.self.key",
+    v="attention.self.value",
+    attn_out="attention.output.dense",
+    ffn_in=("intermediate.dense",),
+    ffn_out="output.dense",
+)
+_ROBERTA = Family(**{**_BERT.__dict__, "head": "lm_head"})
+_GPT2 = Family(
+    layers="h",
+    objective="clm",
+    head="lm_head",
+    fused_qkv="attn.c_attn",
+    attn_out="attn.c_proj",
+    ffn_in=("mlp.c_fc",),
+    ffn_out="mlp.c_proj",
+    conv1d=True,
+)
+_LLAMA = Family(
+    layers="layers",
+    objective="clm",
+    head="lm_head",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    attn_out="self_attn.o_proj",
+    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+    ffn_out="mlp.down_proj",
+)
+
+FAMILIES: dict[str, Family] = {
+    "bert": _BERT,
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
+    "camembert": _ROBERTA,
+    "gpt2": _GPT2,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+@dataclass
+class ParamSlice:
+    """One parameter written by units of one kind in one layer.
+
+    ``unit_index[j]`` is the unit that owns position ``j`` along ``axis``; with grouped
+    KV heads, ``group`` query heads share one K/V head, whose importance is their max.
+    """
+
+    name: str
+    param: nn.Parameter
+    kind: str
+    layer: int
+    axis: int
+    unit_index: torch.Tensor
+    group: int = 1
+
+
+@dataclass
+class UnitMap:
+    """The units of one model: counts per kind and the parameter slices each unit writes."""
+
+    model_type: str
+    family: Family
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    hidden_size: int
+    layers: list[nn.Module]
+    slices: list[ParamSlice]
+
+    @property
+    def objective(self) -> str:
+        return self.family.objective
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {
+            "head": (self.num_layers, self.num_heads),
+            "intermediate": (self.num_layers, self.intermediate_size),
+            "output": (self.num_layers, self.hidden_size),
+        }
+
+    def module(self, layer: int, path: str) -> nn.Module:
+        return self.layers[layer].get_submodule(path)
+
+    def head_module(self, model: nn.Module) -> nn.Module:
+        return getattr(model, self.family.head)
+
+
+def _out_features(module: nn.Module, conv1d: bool) -> int:
+    return module.weight.shape[1] if conv1d else module.weight.shape[0]
+
+
+def _in_features(module: nn.Module, conv1d: bool) -> int:
+    return module.weight.shape[0] if conv1d else module.weight.shape[1]
+
+
+def build_unit_map(model: nn.Module) -> UnitMap:
+    """Find the unit map of a Hugging Face model, or raise naming the supported families."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise UnsupportedArchitectureError(
+            f"model type {model_type!r} has no unit map; supported: "
+            + ", ".join(supported_model_types())
+        )
+    base = model.base_model
+    layers = list(base.get_submodule(family.layers))
+    num_heads = getattr(config, "num_attention_heads", None) or config.n_head
+    num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+    conv = family.conv1d
+    ffn_out0 = layers[0].get_submodule(family.ffn_out)
+    hidden = _out_features(ffn_out0, conv)
+    inter = _in_features(ffn_out0, conv)
+    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+    name_of = {id(p): n for n, p in model.named_parameters()}
+
+    slices: list[ParamSlice] = []
+
+    def add(module: nn.Module, kind: str, layer: int, writes_output: bool, index, group=1):
+        # Linear weights are [out, in]; Conv1D weights are [in, out].
+        w_axis = (1 if conv else 0) if writes_output else (0 if conv else 1)
+        slices.append(
+            ParamSlice(name_of[id(module.weight)], module.weight, kind, layer, w_axis, index, group)
+        )
+        if writes_output and getattr(module, "bias", None) is not None:
+            slices.append(
+                ParamSlice(name_of[id(module.bias)], module.bias, kind, layer, 0, index, group)
+            )
+
+    for i, layer in enumerate(layers):
+        q_heads = torch.arange(num_heads * head_dim) // head_dim
+        if family.fused_qkv:
+            fused = layer.get_submodule(family.fused_qkv)
+            width = _out_features(fused, conv)
+            add(fused, "head", i, True, (torch.arange(width) % (num_heads * head_dim)) // head_dim)
+        else:
+            add(layer.get_submodule(family.q), "head", i, True, q_heads)
+            kv_heads = torch.arange(num_kv * head_dim) // head_dim
+            group = num_heads // num_kv
+            add(layer.get_submodule(family.k), "head", i, True, kv_heads, group)
+            add(layer.get_submodule(family.v), "head", i, True, kv_heads, group)
+        add(layer.get_submodule(family.attn_out), "head", i, False, q_heads)
+        for path in family.ffn_in:
+            add(layer.get_submodule(path), "intermediate", i, True, torch.arange(inter))
+        add(layer.get_submodule(family.ffn_out), "output", i, True, torch.arange(hidden))
+
+    return UnitMap(
+        model_type=model_type,
+        family=family,
+        num_layers=len(layers),
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        hidden_size=hidden,
+        layers=layers,
+        slices=slices,
+    )
+
+
+def ones_gates(unit_map: UnitMap, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Virtual parameters: tensors of ones with requires_grad, used only for their gradient."""
+    return {
+        kind: torch.ones(shape, device=device, requires_grad=True)
+        for kind, shape in unit_map.shapes().items()
+    }
+
+
+@contextmanager
+def gates_attached(
+    model: nn.Module, unit_map: UnitMap, gates: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """Multiply each unit's output by its gate for the duration of the ``with`` block."""
+    handles = []
+    H, hd = unit_map.num_heads, unit_map.head_dim
+    fam = unit_map.family
+
+    def head_gate(layer: int):
+        def pre_hook(_module, args):
+            x = args[0]
+            shaped = x.view(*x.shape[:-1], H, hd) * gates["head"][layer].to(x.dtype)[:, None]
+            return (shaped.view(x.shape), *args[1:])
+
+        return pre_hook
+
+    def inter_gate(layer: int):
+        def pre_hook(_module, args):
+            x = args[0]
+            return (x * gates["intermediate"][layer].to(x.dtype), *args[1:])
+
+        return pre_hook
+
+    def out_gate(layer: int):
+        def hook(_module, _args, output):
+            return output * gates["output"][layer].to(output.dtype)
+
+        return hook
+
+    try:
+        for i in range(unit_map.num_layers):
+            handles.append(unit_map.module(i, fam.attn_out).register_forward_pre_hook(head_gate(i)))
+            ffn_out = unit_map.module(i, fam.ffn_out)
+            handles.append(ffn_out.register_forward_pre_hook(inter_gate(i)))
+            handles.append(ffn_out.register_forward_hook(out_gate(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
