@@ -33,6 +33,9 @@ class TrainingConfig:
     # DAS
     mask_mode: Literal["update", "gradient"] = "update"
     normalization: Literal["paper", "one_sided", "rank"] = "paper"
+    # "permuted": the same importance values shuffled onto random units within each layer
+    # and unit kind (a control: same amount of masking, wrong units)
+    importance_control: Literal["none", "permuted"] = "none"
     contrast_weight: float = 1.0  # lambda
     temperature: float = 0.05  # tau
     importance_sample_ratio: float = 0.25  # share of the domain's chunks used for importance
@@ -71,6 +74,8 @@ class TrainingConfig:
             bad("mask_mode", f"must be one of {', '.join(MASK_MODES)}")
         if self.normalization not in NORMALIZATIONS:
             bad("normalization", f"must be one of {', '.join(NORMALIZATIONS)}")
+        if self.importance_control not in ("none", "permuted"):
+            bad("importance_control", "must be one of none, permuted")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             bad("mixed_precision", "must be one of auto, no, bf16, fp16")
         in_range("learning_rate", 0.0, 1.0, lo_open=True)

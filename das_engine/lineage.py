@@ -386,7 +386,18 @@ class Lineage:
 
         # train
         apply_freezing(model, cfg)
-        strategy.prepare(StageContext(model, unit_map, cfg, accumulated))
+        ctx = StageContext(
+            model,
+            unit_map,
+            cfg,
+            accumulated,
+            stage_dir=partial,
+            previous_stage_dirs=[s.dir for s in previous],
+            base_dir=self.base_dir,
+            train_store=train_store,
+            batcher=batcher,
+        )
+        strategy.prepare(ctx)
         trainer = Trainer(
             model,
             strategy,
@@ -401,6 +412,8 @@ class Lineage:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if should_cancel():
             raise Cancelled("cancelled after the last training step")
+        strategy.finish(ctx)
+        model = strategy.final_model(model)
 
         # I(t) from the domain's own loss, then I_acc(t) = EMax(I_acc(t-1), I(t))
         if strategy.uses_importance:

@@ -1,20 +1,23 @@
 """The small interface every continual-learning strategy implements.
 
 The trainer calls, per stage: ``prepare`` once, then per optimizer step ``loss`` (per
-micro-batch), ``after_backward``, ``before_step``, ``after_step``. A strategy is a recipe
+micro-batch), ``after_backward``, ``before_step``, ``after_step``; the lineage then calls
+``finish`` and saves ``final_model``. A strategy is a recipe
 over the tested components (units, importance, softmask, contrastive).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from das_engine.config import TrainingConfig
+from das_engine.data import ChunkStore
 from das_engine.importance import Importance
-from das_engine.objective import lm_forward
+from das_engine.objective import Batcher, lm_forward
 from das_engine.units import UnitMap
 
 
@@ -24,6 +27,22 @@ class StageContext:
     unit_map: UnitMap
     config: TrainingConfig
     accumulated: Importance | None  # I_acc(t-1), when the lineage keeps one
+    stage_dir: Path | None = None  # the stage being trained (``strategy/`` is the strategy's)
+    previous_stage_dirs: list[Path] = field(default_factory=list)  # finished, in order
+    base_dir: Path | None = None  # the lineage's base model (HF directory)
+    train_store: ChunkStore | None = None
+    batcher: Batcher | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def strategy_dir(self) -> Path:
+        """Where a strategy keeps its own state for this stage (read back by later stages)."""
+        assert self.stage_dir is not None
+        path = self.stage_dir / "strategy"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
 
 class Strategy:
@@ -51,3 +70,11 @@ class Strategy:
 
     def after_step(self) -> None:
         pass
+
+    def finish(self, ctx: StageContext) -> None:
+        """After the last step, before the stage is committed: save state for later stages
+        under ``ctx.strategy_dir()`` (e.g. EWC's Fisher, a replay buffer's chunk ids)."""
+
+    def final_model(self, model: nn.Module) -> nn.Module:
+        """The model to save as the stage checkpoint (e.g. adapters merged into weights)."""
+        return model

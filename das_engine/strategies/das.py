@@ -27,6 +27,8 @@ class DAS(Strategy):
 
     def prepare(self, ctx: StageContext) -> None:
         super().prepare(ctx)
+        if ctx.accumulated is not None and ctx.config.importance_control == "permuted":
+            ctx.accumulated = ctx.accumulated.permuted(ctx.config.seed)
         self.mask = (
             SoftMask(ctx.unit_map, ctx.accumulated, ctx.config.mask_mode)
             if ctx.accumulated is not None
