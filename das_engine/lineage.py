@@ -237,6 +237,7 @@ class Lineage:
         cfg = self.config
         n = max(1, int(round(cfg.importance_sample_ratio * len(store))))
         n = min(n, cfg.importance_max_batches * cfg.batch_size, len(store))
+        torch.manual_seed(cfg.seed + 13)  # proxy-KL dropout masks: reproducible on resume
         gen = torch.Generator().manual_seed(cfg.seed + 17)
         picked = torch.randperm(len(store), generator=gen)[:n].tolist()
         batches = []

@@ -224,9 +224,10 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 batch = self._micro_batch(step, micro)
                 with self.accelerator.autocast():
-                    loss, _logs = self.strategy.loss(self.model, batch)
+                    loss, logs = self.strategy.loss(self.model, batch)
                 self.accelerator.backward(loss / cfg.grad_accum)
-                step_loss += float(loss.detach()) / cfg.grad_accum
+                # report the LM loss (comparable across strategies), not the total objective
+                step_loss += logs.get("lm_loss", float(loss.detach())) / cfg.grad_accum
                 n_tok = int(batch["attention_mask"].sum())
                 trained += n_tok
                 tokens_this_run += n_tok

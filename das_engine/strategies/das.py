@@ -41,10 +41,10 @@ class DAS(Strategy):
             else None
         )
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        lam = self.config.contrast_weight
-        if lam == 0 or self.prev_gates is None:
-            return super().loss(model, batch)
+    def views(
+        self, model: nn.Module, batch: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L_MLM, o, o+, o_prev): row i of o, o+ and o_prev all come from input x_i."""
         b = batch["input_ids"].shape[0]
         # (1)+(2): two dropout views of the same inputs in one forward pass
         doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
@@ -58,10 +58,17 @@ class DAS(Strategy):
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state
         previous = mean_pool(prev_hidden, batch["attention_mask"])
+        return out.loss, anchor, positive, previous
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        lam = self.config.contrast_weight
+        if lam == 0 or self.prev_gates is None:
+            return super().loss(model, batch)
+        lm_loss, anchor, positive, previous = self.views(model, batch)
         # (4)
         contrast = info_nce(anchor, positive, previous, self.config.temperature)
-        total = out.loss + lam * contrast
-        return total, {"lm_loss": float(out.loss.detach()), "contrast": float(contrast.detach())}
+        total = lm_loss + lam * contrast
+        return total, {"lm_loss": float(lm_loss.detach()), "contrast": float(contrast.detach())}
 
     # (5)
     def after_backward(self) -> None:
