@@ -1,0 +1,241 @@
+"""Database rows (SQLAlchemy 2 typed models). The schema is created only by the Alembic
+migrations in ``migrations/``; keep both in step (``tests/service`` checks they agree)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+# Job states. ``ACTIVE`` ones still hold their stage's position in the lineage.
+JOB_VALIDATING = "validating"
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_CANCELLING = "cancelling"
+JOB_SUCCEEDED = "succeeded"
+JOB_FAILED = "failed"
+JOB_CANCELLED = "cancelled"
+JOB_STATUSES = (
+    JOB_VALIDATING,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    JOB_CANCELLING,
+    JOB_SUCCEEDED,
+    JOB_FAILED,
+    JOB_CANCELLED,
+)
+JOB_TERMINAL = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
+JOB_PHASES = ("importance", "training", "evaluating")
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Corpus(Base):
+    __tablename__ = "corpora"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    storage_path: Mapped[str] = mapped_column(String(1024))
+    format: Mapped[str] = mapped_column(String(16))
+    compressed: Mapped[bool] = mapped_column(Boolean, default=False)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    documents: Mapped[int] = mapped_column(BigInteger)
+    characters: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="ready")
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Lineage(Base):
+    __tablename__ = "lineages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(500))
+    architecture: Mapped[str] = mapped_column(String(100))
+    objective: Mapped[str] = mapped_column(String(8))
+    strategy: Mapped[str] = mapped_column(String(16))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    general_corpus_id: Mapped[int | None] = mapped_column(ForeignKey("corpora.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    stages: Mapped[list[Stage]] = relationship(
+        back_populates="lineage", order_by="Stage.position", lazy="selectin"
+    )
+
+
+class Stage(Base):
+    """One domain of a lineage, at a fixed position; trained by exactly one job."""
+
+    __tablename__ = "stages"
+    __table_args__ = (
+        UniqueConstraint("lineage_id", "position", name="uq_stages_lineage_position"),
+        # NULL once the stage failed or was cancelled, so that the name can be used again.
+        UniqueConstraint("lineage_id", "active_name", name="uq_stages_lineage_active_name"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lineage_id: Mapped[int] = mapped_column(ForeignKey("lineages.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    active_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"))
+    eval_corpus_id: Mapped[int | None] = mapped_column(ForeignKey("corpora.id"), default=None)
+    engine_position: Mapped[int | None] = mapped_column(Integer, default=None)
+    steps: Mapped[int | None] = mapped_column(Integer, default=None)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    lineage: Mapped[Lineage] = relationship(back_populates="stages")
+    job: Mapped[Job] = relationship(back_populates="stage", lazy="selectin", uselist=False)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status", "status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage_id: Mapped[int] = mapped_column(ForeignKey("stages.id"), unique=True)
+    lineage_id: Mapped[int] = mapped_column(ForeignKey("lineages.id"), index=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JOB_VALIDATING)
+    phase: Mapped[str | None] = mapped_column(String(16), default=None)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    step: Mapped[int | None] = mapped_column(Integer, default=None)
+    total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    loss: Mapped[float | None] = mapped_column(Float, default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claim_token: Mapped[str | None] = mapped_column(String(64), default=None)
+    worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    stage: Mapped[Stage] = relationship(back_populates="job")
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    type: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage_id: Mapped[int] = mapped_column(ForeignKey("stages.id"), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    step: Mapped[int | None] = mapped_column(Integer, default=None)
+    final: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ImportanceSnapshot(Base):
+    __tablename__ = "importance_snapshots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage_id: Mapped[int] = mapped_column(ForeignKey("stages.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # general | domain | accumulated
+    path: Mapped[str] = mapped_column(String(1024))
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvalScore(Base):
+    """One cell of a lineage's evaluation matrix: the model after ``stage`` (NULL: the base
+    model) evaluated on ``domain`` (NULL: the general corpus)."""
+
+    __tablename__ = "eval_scores"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lineage_id: Mapped[int] = mapped_column(ForeignKey("lineages.id"), index=True)
+    stage_id: Mapped[int | None] = mapped_column(ForeignKey("stages.id"), default=None)
+    domain: Mapped[str | None] = mapped_column(String(64), default=None)
+    metric: Mapped[str] = mapped_column(String(32), default="loss")
+    value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyRecord(Base):
+    __tablename__ = "idempotency_records"
+    __table_args__ = (UniqueConstraint("owner", "key", name="uq_idempotency_owner_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,78 @@
+"""Database rows -> response bodies."""
+
+from __future__ import annotations
+
+from app.models import JOB_SUCCEEDED, Corpus, Job, Lineage, Stage
+from app.schemas import CorpusOut, JobError, JobOut, LineageOut, StageOut
+
+
+def corpus_out(corpus: Corpus) -> CorpusOut:
+    return CorpusOut(
+        id=corpus.id,
+        filename=corpus.filename,
+        format=corpus.format,
+        compressed=corpus.compressed,
+        bytes=corpus.bytes,
+        sha256=corpus.sha256,
+        documents=corpus.documents,
+        characters=corpus.characters,
+        status=corpus.status,
+        report=corpus.report,
+        created_at=corpus.created_at,
+    )
+
+
+def job_out(job: Job, stage: Stage) -> JobOut:
+    return JobOut(
+        id=job.id,
+        lineage_id=job.lineage_id,
+        stage_position=stage.position,
+        domain=stage.name,
+        status=job.status,
+        phase=job.phase,
+        progress=min(1.0, max(0.0, job.progress or 0.0)),
+        step=job.step,
+        total_steps=job.total_steps,
+        loss=job.loss,
+        trained_tokens=job.trained_tokens or 0,
+        eta_seconds=job.eta_seconds,
+        error=JobError(**job.error) if job.error else None,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        heartbeat_at=job.heartbeat_at,
+        updated_at=job.updated_at,
+    )
+
+
+def stage_out(stage: Stage) -> StageOut:
+    job = stage.job
+    return StageOut(
+        position=stage.position,
+        name=stage.name,
+        status=job.status,
+        corpus_id=stage.corpus_id,
+        eval_corpus_id=stage.eval_corpus_id,
+        job_id=job.id,
+        steps=stage.steps,
+        trained_tokens=stage.trained_tokens,
+        checkpoint_available=job.status == JOB_SUCCEEDED,
+        created_at=stage.created_at,
+        finished_at=stage.finished_at,
+    )
+
+
+def lineage_out(lineage: Lineage) -> LineageOut:
+    return LineageOut(
+        id=lineage.id,
+        name=lineage.name,
+        base_model=lineage.base_model,
+        architecture=lineage.architecture,
+        objective=lineage.objective,
+        strategy=lineage.strategy,
+        hyperparameters=lineage.hyperparameters,
+        general_corpus_id=lineage.general_corpus_id,
+        created_at=lineage.created_at,
+        stages=[stage_out(s) for s in lineage.stages],
+    )

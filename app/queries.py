@@ -1,0 +1,75 @@
+"""Owner-scoped lookups (another owner's id is a 404, exactly like an unknown one) and
+cursor pagination."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from sqlalchemy import Select
+from sqlalchemy.orm import Session
+
+from app.models import Base, Corpus, Job, Lineage, Stage
+from app.problems import Problem
+
+RowT = TypeVar("RowT", bound=Base)
+
+MAX_LIMIT = 100
+DEFAULT_LIMIT = 20
+
+
+def owned(session: Session, model: type[RowT], row_id: int, owner: str, what: str) -> RowT:
+    row = session.get(model, row_id) if 0 < row_id < 2**63 else None
+    if row is None or getattr(row, "owner", None) != owner:
+        raise Problem(404, f"{what}_not_found", f"no {what} with id {row_id}")
+    return row
+
+
+def owned_lineage(session: Session, lineage_id: int, owner: str) -> Lineage:
+    return owned(session, Lineage, lineage_id, owner, "lineage")
+
+
+def owned_corpus(session: Session, corpus_id: int, owner: str) -> Corpus:
+    return owned(session, Corpus, corpus_id, owner, "corpus")
+
+
+def owned_job(session: Session, job_id: int, owner: str) -> tuple[Job, Stage]:
+    job = owned(session, Job, job_id, owner, "job")
+    stage = session.get(Stage, job.stage_id)
+    assert stage is not None
+    return job, stage
+
+
+def owned_stage(session: Session, lineage_id: int, position: int, owner: str) -> Stage:
+    lineage = owned_lineage(session, lineage_id, owner)
+    for stage in lineage.stages:
+        if stage.position == position:
+            return stage
+    raise Problem(404, "stage_not_found", f"lineage {lineage_id} has no stage {position}")
+
+
+def parse_after(after: str | None) -> int:
+    if after is None or after == "":
+        return 0
+    if not after.isdigit() or len(after) > 18:
+        raise Problem(
+            422,
+            "validation_error",
+            "after: not a cursor returned by this API",
+            errors=[{"field": "after", "message": "not a cursor returned by this API"}],
+        )
+    return int(after)
+
+
+def paginate(
+    session: Session,
+    stmt: Select,
+    id_column,
+    after: str | None,
+    limit: int,  # noqa: ANN001
+) -> tuple[list, bool, str | None]:
+    """Rows with id > ``after`` in id order; (rows, has_more, next cursor)."""
+    stmt = stmt.where(id_column > parse_after(after)).order_by(id_column).limit(limit + 1)
+    rows = list(session.scalars(stmt))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, has_more, (str(rows[-1].id) if has_more and rows else None)

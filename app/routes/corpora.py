@@ -1,0 +1,94 @@
+"""/v1/corpora: streamed uploads with validation reports."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth import Principal, authenticate, get_session
+from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
+from app.models import Corpus
+from app.presenters import corpus_out
+from app.problems import Problem
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, paginate
+from app.ratelimit import write_access
+from app.schemas import CorpusOut, Page
+from app.uploads import MultipartResult
+
+router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".txt or .jsonl (a 'text' field per line), "
+                            "optionally .gz",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=CorpusOut,
+    summary="Upload a corpus (multipart, streamed)",
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload_corpus(
+    request: Request, principal: Principal = Depends(write_access)
+) -> JSONResponse:
+    settings = request.app.state.settings
+    factory = request.app.state.session_factory
+
+    def handle(result: MultipartResult) -> dict:
+        if result.file is None:
+            raise Problem(
+                422,
+                "validation_error",
+                "file: a file part named 'file' is required",
+                errors=[{"field": "file", "message": "required"}],
+            )
+        fmt, compressed, report = validate_upload(settings, result.file)
+        with factory() as session, session.begin():
+            corpus = corpus_row(settings, principal.owner, result.file, fmt, compressed, report)
+            session.add(corpus)
+            session.flush()
+            return corpus_out(corpus).model_dump(mode="json")
+
+    return await idempotent_upload(request, principal.owner, 201, handle)
+
+
+@router.get("", response_model=Page[CorpusOut], summary="List your corpora")
+def list_corpora(
+    after: str | None = Query(None, max_length=32),
+    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    principal: Principal = Depends(authenticate),
+    session: Session = Depends(get_session),
+) -> Page[CorpusOut]:
+    stmt = select(Corpus).where(Corpus.owner == principal.owner)
+    rows, has_more, cursor = paginate(session, stmt, Corpus.id, after, limit)
+    return Page[CorpusOut](data=[corpus_out(c) for c in rows], has_more=has_more, next_after=cursor)
+
+
+@router.get("/{corpus_id}", response_model=CorpusOut, summary="A corpus and its report")
+def get_corpus(
+    corpus_id: int,
+    principal: Principal = Depends(authenticate),
+    session: Session = Depends(get_session),
+) -> CorpusOut:
+    return corpus_out(owned_corpus(session, corpus_id, principal.owner))

@@ -1,0 +1,506 @@
+"""/v1/lineages: lineages, their domains (stages), artifacts and metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app.archives import TarPlan
+from app.auth import Principal, authenticate, get_session
+from app.corpus_intake import corpus_row, idempotent_upload, resolve_stored, validate_upload
+from app.idempotency import IdempotencyScope, request_hash
+from app.lifecycle import add_event, is_runnable, mark_enqueued
+from app.models import (
+    JOB_QUEUED,
+    JOB_SUCCEEDED,
+    Checkpoint,
+    Corpus,
+    EvalScore,
+    ImportanceSnapshot,
+    Job,
+    Lineage,
+    Stage,
+)
+from app.presenters import job_out, lineage_out, stage_out
+from app.problems import Problem
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, owned_lineage, owned_stage, paginate
+from app.ratelimit import write_access
+from app.schemas import (
+    DOMAIN_NAME_PATTERN,
+    DomainAccepted,
+    DomainCreate,
+    LineageCreate,
+    LineageOut,
+    MetricsOut,
+    Page,
+)
+from app.settings import Settings
+from app.uploads import MultipartResult
+
+router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
+
+
+# -- lineages -----------------------------------------------------------------------------
+
+
+def _check_base_model_name(name: str, allow_hub: bool) -> None:
+    """Only server-side ids (and hub names where allowed) -- never a path on the server."""
+    looks_like_path = name.startswith(("/", "~", ".")) or "\\" in name or ".." in name.split("/")
+    if looks_like_path or ("/" in name and not allow_hub):
+        raise Problem(
+            422,
+            "base_model_unloadable",
+            f"base_model {name[:100]!r} is not a known base model id"
+            + ("" if allow_hub else " (this server has no hub access; see GET /v1/base-models)"),
+            errors=[{"field": "base_model", "message": "unknown base model"}],
+        )
+
+
+def build_lineage(settings: Settings, session: Session, owner: str, body: LineageCreate) -> Lineage:
+    from das_engine.bases import resolve_base
+    from das_engine.config import TrainingConfig
+    from das_engine.errors import DasError
+
+    hyper = dict(body.hyperparameters)
+    if hyper.get("strategy", body.strategy) != body.strategy:
+        raise Problem(
+            422,
+            "invalid_hyperparameters",
+            "hyperparameters.strategy contradicts strategy",
+            errors=[{"field": "hyperparameters.strategy", "message": "must equal strategy"}],
+        )
+    hyper.pop("strategy", None)
+    try:
+        TrainingConfig.from_dict({**hyper, "strategy": body.strategy})
+    except DasError as exc:
+        raise Problem(
+            422,
+            exc.code,
+            exc.message,
+            errors=[
+                {"field": f"hyperparameters.{d.get('field')}", "message": d.get("message", "")}
+                for d in exc.details
+            ],
+        ) from exc
+    _check_base_model_name(body.base_model, settings.allow_hub)
+    try:
+        info = resolve_base(body.base_model, settings.models_dir, allow_hub=settings.allow_hub)
+    except DasError as exc:
+        raise Problem(
+            422,
+            exc.code,
+            exc.message,
+            errors=[{"field": "base_model", "message": exc.message}],
+        ) from exc
+    if body.general_corpus_id is not None:
+        owned_corpus(session, body.general_corpus_id, owner)
+    lineage = Lineage(
+        owner=owner,
+        name=body.name,
+        base_model=body.base_model,
+        architecture=info.architecture,
+        objective=info.objective,
+        strategy=body.strategy,
+        hyperparameters=hyper,
+        general_corpus_id=body.general_corpus_id,
+    )
+    session.add(lineage)
+    session.flush()
+    session.refresh(lineage)
+    return lineage
+
+
+@router.post("", status_code=201, response_model=LineageOut, summary="Create a lineage")
+def create_lineage(
+    body: LineageCreate, request: Request, principal: Principal = Depends(write_access)
+) -> JSONResponse:
+    settings = request.app.state.settings
+    factory = request.app.state.session_factory
+    scope = IdempotencyScope.from_request(request, principal.owner)
+
+    def produce() -> dict:
+        with factory() as session, session.begin():
+            lineage = build_lineage(settings, session, principal.owner, body)
+            return lineage_out(lineage).model_dump(mode="json")
+
+    return scope.run(request_hash(scope.endpoint, body.model_dump(mode="json")), 201, produce)
+
+
+@router.get("", response_model=Page[LineageOut], summary="List your lineages")
+def list_lineages(
+    after: str | None = Query(None, max_length=32),
+    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    principal: Principal = Depends(authenticate),
+    session: Session = Depends(get_session),
+) -> Page[LineageOut]:
+    stmt = select(Lineage).where(Lineage.owner == principal.owner)
+    rows, has_more, cursor = paginate(session, stmt, Lineage.id, after, limit)
+    return Page[LineageOut](
+        data=[lineage_out(r) for r in rows], has_more=has_more, next_after=cursor
+    )
+
+
+@router.get("/{lineage_id}", response_model=LineageOut, summary="A lineage and its stages")
+def get_lineage(
+    lineage_id: int,
+    principal: Principal = Depends(authenticate),
+    session: Session = Depends(get_session),
+) -> LineageOut:
+    return lineage_out(owned_lineage(session, lineage_id, principal.owner))
+
+
+# -- domains ------------------------------------------------------------------------------
+
+DOMAIN_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": DomainCreate.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "name"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "name": {"type": "string", "pattern": DOMAIN_NAME_PATTERN},
+                        "eval_corpus_id": {"type": "integer"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _check_domain_name_free(session: Session, lineage: Lineage, name: str) -> None:
+    taken = session.scalar(
+        select(Stage.id).where(Stage.lineage_id == lineage.id, Stage.active_name == name)
+    )
+    if taken is not None:
+        raise Problem(
+            409,
+            "domain_exists",
+            f"lineage {lineage.id} already has a domain named {name!r}",
+        )
+
+
+def add_domain(
+    session: Session,
+    owner: str,
+    lineage_id: int,
+    corpus: Corpus,
+    name: str,
+    eval_corpus_id: int | None,
+) -> tuple[Stage, Job]:
+    """Create the next stage and its queued job (the caller commits, then enqueues)."""
+    lineage = owned_lineage(session, lineage_id, owner)
+    if eval_corpus_id is not None:
+        owned_corpus(session, eval_corpus_id, owner)
+    if corpus.status != "ready":
+        raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
+    _check_domain_name_free(session, lineage, name)
+    position = (
+        session.scalar(select(func.max(Stage.position)).where(Stage.lineage_id == lineage.id)) or 0
+    ) + 1
+    stage = Stage(
+        lineage_id=lineage.id,
+        position=position,
+        name=name,
+        active_name=name,
+        corpus_id=corpus.id,
+        eval_corpus_id=eval_corpus_id,
+    )
+    session.add(stage)
+    session.flush()
+    job = Job(stage_id=stage.id, lineage_id=lineage.id, owner=owner, status=JOB_QUEUED)
+    session.add(job)
+    session.flush()
+    add_event(
+        session,
+        job.id,
+        "queued",
+        f"stage {position} ({name}) queued",
+        data={"corpus_id": corpus.id, "position": position},
+    )
+    session.flush()
+    session.refresh(stage)
+    return stage, job
+
+
+def _commit_domain(session: Session) -> None:
+    try:
+        session.commit()
+    except IntegrityError as exc:  # a concurrent request took the position or the name
+        session.rollback()
+        raise Problem(
+            409,
+            "conflict",
+            "the lineage changed concurrently (or the domain name is taken); retry the request",
+        ) from exc
+
+
+def _accepted(request: Request, stage: Stage, job: Job) -> dict:
+    """Send the job if it may start now, then answer 202 {stage, job}."""
+    factory = request.app.state.session_factory
+    with factory() as session, session.begin():
+        runnable = is_runnable(session, session.get(Job, job.id))
+    if runnable:
+        sent = request.app.state.enqueue([job.id])
+        with factory() as session, session.begin():
+            mark_enqueued(session, sent)
+    with factory() as session:
+        stage = session.get(Stage, stage.id)
+        assert stage is not None
+        return DomainAccepted(stage=stage_out(stage), job=job_out(stage.job, stage)).model_dump(
+            mode="json"
+        )
+
+
+@router.post(
+    "/{lineage_id}/domains",
+    status_code=202,
+    response_model=DomainAccepted,
+    summary="Add a domain: train the lineage's next stage (JSON, or multipart with the file)",
+    openapi_extra=DOMAIN_BODY,
+)
+async def post_domain(
+    lineage_id: int, request: Request, principal: Principal = Depends(write_access)
+) -> JSONResponse:
+    settings = request.app.state.settings
+    factory = request.app.state.session_factory
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    if ctype == "multipart/form-data":
+
+        def precheck() -> None:
+            with factory() as session:
+                owned_lineage(session, lineage_id, principal.owner)
+
+        await run_in_threadpool(precheck)
+
+        def handle(result: MultipartResult) -> dict:
+            if result.file is None:
+                raise Problem(
+                    422,
+                    "validation_error",
+                    "file: a file part is required",
+                    errors=[{"field": "file", "message": "required"}],
+                )
+            body = _domain_fields(result.fields)
+            fmt, compressed, report = validate_upload(settings, result.file)
+            with factory() as session:
+                corpus = corpus_row(settings, principal.owner, result.file, fmt, compressed, report)
+                session.add(corpus)
+                session.flush()
+                stage, job = add_domain(
+                    session, principal.owner, lineage_id, corpus, body.name, body.eval_corpus_id
+                )
+                _commit_domain(session)
+            return _accepted(request, stage, job)
+
+        return await idempotent_upload(request, principal.owner, 202, handle)
+
+    if ctype not in ("application/json", ""):
+        raise Problem(415, "unsupported_media_type", "send application/json or multipart/form-data")
+    raw = await request.body()
+    try:
+        body = DomainCreate.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from exc
+    scope = IdempotencyScope.from_request(request, principal.owner)
+
+    def produce() -> dict:
+        with factory() as session:
+            corpus = owned_corpus(session, body.corpus_id, principal.owner)
+            stage, job = add_domain(
+                session, principal.owner, lineage_id, corpus, body.name, body.eval_corpus_id
+            )
+            _commit_domain(session)
+        return _accepted(request, stage, job)
+
+    req_hash = request_hash(scope.endpoint, body.model_dump(mode="json"))
+    return await run_in_threadpool(scope.run, req_hash, 202, produce)
+
+
+def _domain_fields(fields: dict[str, str]) -> DomainCreate:
+    extra = set(fields) - {"name", "eval_corpus_id"}
+    data: dict[str, Any] = {"corpus_id": 0, "name": fields.get("name")}
+    if fields.get("eval_corpus_id"):
+        data["eval_corpus_id"] = fields["eval_corpus_id"]
+    try:
+        if extra:
+            raise Problem(
+                422,
+                "validation_error",
+                f"unknown form field(s): {sorted(extra)}",
+                errors=[{"field": f, "message": "unknown field"} for f in sorted(extra)],
+            )
+        return DomainCreate.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
+        ]
+        raise Problem(
+            422,
+            "validation_error",
+            "; ".join(f"{e['field']}: {e['message']}" for e in errors),
+            errors=errors,
+        ) from exc
+
+
+# -- artifacts ----------------------------------------------------------------------------
+
+
+def _succeeded_stage(session: Session, lineage_id: int, position: int, owner: str) -> Stage:
+    stage = owned_stage(session, lineage_id, position, owner)
+    if stage.job.status != JOB_SUCCEEDED:
+        raise Problem(
+            409,
+            "stage_not_ready",
+            f"stage {position} is {stage.job.status}; artifacts exist once it has succeeded",
+        )
+    return stage
+
+
+def _tar_response(request: Request, plan: TarPlan, filename: str) -> Response:
+    etag = plan.etag
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return StreamingResponse(
+        plan.stream(),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(plan.content_length),
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "ETag": etag,
+            "Cache-Control": "private, no-cache",
+        },
+    )
+
+
+def _missing_artifact(what: str) -> Problem:
+    return Problem(410, "artifact_missing", f"the {what} files are no longer on the server")
+
+
+TAR_RESPONSE = {200: {"content": {"application/x-tar": {}}, "description": "a tar archive"}}
+
+
+@router.get(
+    "/{lineage_id}/stages/{position}/checkpoint",
+    summary="Download a stage's checkpoint (HF directory) as .tar",
+    response_class=StreamingResponse,
+    responses=TAR_RESPONSE,
+)
+def download_checkpoint(
+    lineage_id: int,
+    position: int,
+    request: Request,
+    principal: Principal = Depends(authenticate),
+    session: Session = Depends(get_session),
+) -> Response:
+    settings = request.app.state.settings
+    stage = _succeeded_stage(session, lineage_id, position, principal.owner)
+    checkpoint = session.scalar(
+        select(Checkpoint)
+        .where(Checkpoint.stage_id == stage.id, Checkpoint.final.is_(True))
+        .order_by(Checkpoint.id.desc())
+    )
+    if checkpoint is None:
+        raise _missing_artifact("checkpoint")
+    root = resolve_stored(settings, checkpoint.path)
+    if not root.is_dir():
+        raise _missing_artifact("checkpoint")
+    top = f"lineage-{lineage_id}-stage-{position}-{stage.name}"
+    return _tar_response(request, TarPlan.of_directory(root, top), f"{top}.tar")
+
+
+@router.get(
+    "/{lineage_id}/stages/{position}/importance",
+    summary="Download a stage's importance snapshots (safetensors) as .tar",
+    response_class=StreamingResponse,
+    responses=TAR_RESPONSE,
+)
+def download_importance(
+    lineage_id: int,
+    position: int,
+    request: Request,
+    principal: Principal = Depends(authenticate),
+    session: Session = Depends(get_session),
+) -> Response:
+    settings = request.app.state.settings
+    stage = _succeeded_stage(session, lineage_id, position, principal.owner)
+    snapshots = session.scalars(
+        select(ImportanceSnapshot)
+        .where(ImportanceSnapshot.stage_id == stage.id)
+        .order_by(ImportanceSnapshot.id)
+    ).all()
+    files: list[Path] = [resolve_stored(settings, s.path) for s in snapshots]
+    if not files or not all(f.is_file() for f in files):
+        raise _missing_artifact("importance")
+    top = f"lineage-{lineage_id}-stage-{position}-{stage.name}-importance"
+    return _tar_response(request, TarPlan.of_files(files, top), f"{top}.tar")
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def build_metrics(session: Session, lineage: Lineage) -> dict[str, Any]:
+    """The matrix from stored ``EvalScore`` rows, summarised by ``das_engine.metrics``."""
+    from das_engine.metrics import summarize
+
+    stages = [s for s in lineage.stages if s.job.status == JOB_SUCCEEDED]
+    domains = [s.name for s in stages]
+    scores = session.scalars(
+        select(EvalScore).where(EvalScore.lineage_id == lineage.id, EvalScore.metric == "loss")
+    ).all()
+    cell = {(s.stage_id, s.domain): s.value for s in scores}
+    matrix = [[_finite(cell.get((st.id, d))) for d in domains] for st in stages]
+    base = [_finite(cell.get((None, d))) for d in domains]
+    general: dict[str, Any] = {}
+    general_losses = [_finite(cell.get((st.id, None))) for st in stages]
+    if any(v is not None for v in general_losses) or (None, None) in cell:
+        general = {
+            "base_loss": _finite(cell.get((None, None))),
+            "losses": general_losses,
+        }
+    summary = summarize(
+        domains, matrix, base if any(v is not None for v in base) else None, general or None
+    )
+    return _without_non_finite(summary)
+
+
+def _without_non_finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: such a value is reported as null."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: _without_non_finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_non_finite(v) for v in value]
+    return value
+
+
+@router.get("/{lineage_id}/metrics", response_model=MetricsOut, summary="Forgetting metrics")
+def get_metrics(
+    lineage_id: int,
+    principal: Principal = Depends(authenticate),
+    session: Session = Depends(get_session),
+) -> MetricsOut:
+    lineage = owned_lineage(session, lineage_id, principal.owner)
+    return MetricsOut(lineage_id=lineage.id, **build_metrics(session, lineage))

@@ -1,0 +1,130 @@
+"""Service settings, read once from the environment (pydantic-settings).
+
+The names in ``validation_alias`` are the public contract (scripts and deployments use them):
+``DATABASE_URL``, ``CELERY_BROKER_URL``, ``DAS_DATA_DIR``, ``DAS_MODELS_DIR``, ``PORT`` ...
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    # -- where things live -------------------------------------------------------------
+    data_dir: Path = Field(Path("./var"), validation_alias=_env("DAS_DATA_DIR", "data_dir"))
+    models_dir: Path | None = Field(None, validation_alias=_env("DAS_MODELS_DIR", "models_dir"))
+    database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL", "database_url"))
+    celery_broker_url: str | None = Field(
+        None, validation_alias=_env("CELERY_BROKER_URL", "celery_broker_url")
+    )
+    celery_queue: str = Field("das", validation_alias=_env("DAS_CELERY_QUEUE", "celery_queue"))
+
+    # -- HTTP ----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", validation_alias=_env("DAS_HOST", "host"))
+    port: int = Field(8000, validation_alias=_env("PORT", "port"))
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("DAS_CORS_ORIGINS", "cors_origins")
+    )
+    allow_hub: bool = Field(False, validation_alias=_env("DAS_ALLOW_HUB", "allow_hub"))
+
+    # -- input limits --------------------------------------------------------------------
+    max_upload_bytes: int = Field(
+        1 << 30, validation_alias=_env("DAS_MAX_UPLOAD_BYTES", "max_upload_bytes")
+    )
+    max_uncompressed_bytes: int = Field(
+        8 << 30, validation_alias=_env("DAS_MAX_UNCOMPRESSED_BYTES", "max_uncompressed_bytes")
+    )
+    max_gzip_ratio: float = Field(
+        200.0, validation_alias=_env("DAS_MAX_GZIP_RATIO", "max_gzip_ratio")
+    )
+    max_line_chars: int = Field(
+        1_000_000, validation_alias=_env("DAS_MAX_LINE_CHARS", "max_line_chars")
+    )
+    max_json_bytes: int = Field(
+        1 << 20, validation_alias=_env("DAS_MAX_JSON_BYTES", "max_json_bytes")
+    )
+
+    # -- abuse control -------------------------------------------------------------------
+    rate_limit_per_minute: float = Field(
+        600.0, validation_alias=_env("DAS_RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute")
+    )
+    rate_limit_burst: int = Field(
+        120, validation_alias=_env("DAS_RATE_LIMIT_BURST", "rate_limit_burst")
+    )
+    idempotency_ttl_seconds: int = Field(
+        86400, validation_alias=_env("DAS_IDEMPOTENCY_TTL_SECONDS", "idempotency_ttl_seconds")
+    )
+
+    # -- worker --------------------------------------------------------------------------
+    lease_seconds: float = Field(60.0, validation_alias=_env("DAS_LEASE_SECONDS", "lease_seconds"))
+    event_every_steps: int = Field(
+        10, validation_alias=_env("DAS_EVENT_EVERY_STEPS", "event_every_steps")
+    )
+    progress_interval_seconds: float = Field(
+        1.0, validation_alias=_env("DAS_PROGRESS_INTERVAL_SECONDS", "progress_interval_seconds")
+    )
+    sweep_interval_seconds: float = Field(
+        30.0, validation_alias=_env("DAS_SWEEP_INTERVAL_SECONDS", "sweep_interval_seconds")
+    )
+    sweep_stale_seconds: float = Field(
+        600.0, validation_alias=_env("DAS_SWEEP_STALE_SECONDS", "sweep_stale_seconds")
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("data_dir", "models_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL; ``postgresql://`` is taken to mean the psycopg 3 driver."""
+        url = self.database_url or f"sqlite:///{self.data_dir / 'das.sqlite3'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.celery_broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def lineages_dir(self) -> Path:
+        return self.data_dir / "lineages"
+
+    @property
+    def local_key_file(self) -> Path:
+        return self.data_dir / "local-api-key"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (entry points only; libraries take a ``Settings``)."""
+    return Settings()
