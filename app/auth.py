@@ -8,7 +8,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from fastapi import Depends, Request
+from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -66,16 +66,19 @@ def get_session(request: Request):  # noqa: ANN201 - a FastAPI generator depende
         session.close()
 
 
-def authenticate(request: Request, session: Session = Depends(get_session)) -> Principal:
+def authenticate(request: Request) -> Principal:
+    """The caller's identity from ``Authorization: Bearer <key>`` (401 otherwise). Uses a
+    session of its own, closed at once, so that no lock is held for the whole request."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
         raise _unauthorized("missing Authorization header (expected 'Bearer <api key>')")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("the Authorization header must be 'Bearer <api key>'")
-    api_key = verify_api_key(session, token.strip())
-    if api_key is None:
-        raise _unauthorized("invalid API key")
-    principal = Principal(owner=api_key.owner, key_id=api_key.id)
+    with request.app.state.session_factory() as session:
+        api_key = verify_api_key(session, token.strip())
+        if api_key is None:
+            raise _unauthorized("invalid API key")
+        principal = Principal(owner=api_key.owner, key_id=api_key.id)
     request.state.principal = principal
     return principal

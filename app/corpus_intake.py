@@ -5,7 +5,6 @@ number) and nothing is kept."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -16,20 +15,8 @@ from app.idempotency import IdempotencyScope, request_hash
 from app.models import Corpus
 from app.problems import Problem
 from app.settings import Settings
+from app.storage import stored_path
 from app.uploads import MultipartResult, StoredFile, check_gzip, detect_format, receive_multipart
-
-
-def stored_path(settings: Settings, path: Path) -> str:
-    """How a path is kept in the database: relative to the data folder when inside it."""
-    try:
-        return path.resolve().relative_to(settings.data_dir).as_posix()
-    except ValueError:
-        return str(path.resolve())
-
-
-def resolve_stored(settings: Settings, value: str) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else settings.data_dir / path
 
 
 def validate_upload(settings: Settings, stored: StoredFile) -> tuple[str, bool, dict[str, Any]]:

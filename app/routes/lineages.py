@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.archives import TarPlan
 from app.auth import Principal, authenticate, get_session
-from app.corpus_intake import corpus_row, idempotent_upload, resolve_stored, validate_upload
+from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.idempotency import IdempotencyScope, request_hash
 from app.lifecycle import add_event, is_runnable, mark_enqueued
 from app.models import (
@@ -45,6 +45,7 @@ from app.schemas import (
     Page,
 )
 from app.settings import Settings
+from app.storage import resolve_stored
 from app.uploads import MultipartResult
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
@@ -423,6 +424,7 @@ def download_checkpoint(
     if not root.is_dir():
         raise _missing_artifact("checkpoint")
     top = f"lineage-{lineage_id}-stage-{position}-{stage.name}"
+    session.close()  # no transaction held while the archive streams
     return _tar_response(request, TarPlan.of_directory(root, top), f"{top}.tar")
 
 
@@ -450,6 +452,7 @@ def download_importance(
     if not files or not all(f.is_file() for f in files):
         raise _missing_artifact("importance")
     top = f"lineage-{lineage_id}-stage-{position}-{stage.name}-importance"
+    session.close()
     return _tar_response(request, TarPlan.of_files(files, top), f"{top}.tar")
 
 

@@ -1,0 +1,588 @@
+"""Run one job: claim it in the database, train the stage with ``das_engine``, record the
+results. Everything a client sees (status, progress, events, errors) is written here.
+
+Reliability, in order of the code:
+- claim by compare-and-set (``queued``, or ``running`` with an expired lease) with a fresh
+  claim token: a redelivered message for a claimed or finished job does nothing;
+- a heartbeat thread extends the lease; every later write is conditional on the claim token,
+  so a worker that lost its lease can never overwrite the job of the one that took it over;
+- a job whose lease expired is claimed again and ``Lineage.add_domain`` resumes the partial
+  stage from its last step checkpoint;
+- cancellation is cooperative: ``should_cancel`` reads the job's status (``cancelling``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.lifecycle import add_event, finish_job, is_runnable, mark_enqueued, next_runnable_job
+from app.models import (
+    JOB_CANCELLED,
+    JOB_CANCELLING,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    JOB_SUCCEEDED,
+    Checkpoint,
+    Corpus,
+    EvalScore,
+    ImportanceSnapshot,
+    Job,
+    Lineage,
+    Stage,
+    utcnow,
+)
+from app.settings import Settings
+from app.storage import resolve_stored, stored_path
+
+log = logging.getLogger("das.worker")
+
+# Share of the job's progress bar given to each phase (the bar only moves forward).
+PHASE_SPAN = {"importance": (0.0, 0.1), "training": (0.1, 0.9), "evaluating": (0.9, 1.0)}
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now: stop without writing anything."""
+
+
+@dataclass
+class Claim:
+    job_id: int
+    token: str
+    attempt: int
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        enqueue: Callable[[Iterable[int]], list[int]],
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.enqueue = enqueue
+        self.worker_id = worker_id or worker_identity()
+
+    # -- claim ---------------------------------------------------------------------------
+    def claim(self, job_id: int) -> Claim | str:
+        """The claim, or why the message is ignored."""
+        now = utcnow()
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        token = secrets.token_hex(16)
+        with self.factory() as session, session.begin():
+            job = session.get(Job, job_id)
+            if job is None:
+                return "not_found"
+            expired = job.lease_expires_at is not None and job.lease_expires_at < now
+            if job.status == JOB_CANCELLING and expired:  # its worker died while cancelling
+                finish_job(session, job, JOB_CANCELLED, message="cancelled (worker gone)")
+                return "cancelled"
+            if job.status == JOB_QUEUED and not is_runnable(session, job):
+                return "blocked"  # sent again when the stage before it finishes
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    or_(
+                        Job.status == JOB_QUEUED,
+                        (Job.status == JOB_RUNNING) & (Job.lease_expires_at < now),
+                    ),
+                )
+                .values(
+                    status=JOB_RUNNING,
+                    claim_token=token,
+                    worker_id=self.worker_id,
+                    attempts=Job.attempts + 1,
+                    lease_expires_at=lease,
+                    heartbeat_at=now,
+                    started_at=job.started_at or now,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                return f"not_claimable ({job.status})"
+            attempt = (job.attempts or 0) + 1
+            add_event(
+                session,
+                job_id,
+                "claimed" if attempt == 1 else "resumed",
+                f"attempt {attempt} on {self.worker_id}"
+                + (" (resuming from the last step checkpoint)" if attempt > 1 else ""),
+                data={"attempt": attempt, "worker": self.worker_id},
+            )
+        return Claim(job_id, token, attempt)
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self, job_id: int) -> str:
+        claim = self.claim(job_id)
+        if isinstance(claim, str):
+            log.info("job %s: message ignored: %s", job_id, claim)
+            return claim
+        log.info("job %s: claimed (attempt %s)", job_id, claim.attempt)
+        context = _RunContext(self, claim)
+        context.start_heartbeat()
+        try:
+            outcome = context.execute()
+        finally:
+            context.stop_heartbeat()
+        log.info("job %s: %s", job_id, outcome)
+        if outcome == JOB_SUCCEEDED:
+            self.enqueue_next(context.lineage_id)
+        return outcome
+
+    def enqueue_next(self, lineage_id: int) -> None:
+        with self.factory() as session, session.begin():
+            job = next_runnable_job(session, lineage_id)
+            job_id = job.id if job is not None else None
+        if job_id is not None:
+            sent = self.enqueue([job_id])
+            with self.factory() as session, session.begin():
+                mark_enqueued(session, sent)
+
+
+class _RunContext:
+    """The state of one claimed run: heartbeat, throttled progress, cancel checks."""
+
+    def __init__(self, runner: JobRunner, claim: Claim) -> None:
+        self.runner = runner
+        self.settings = runner.settings
+        self.factory = runner.factory
+        self.claim = claim
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.phase: str | None = None
+        self.progress = 0.0
+        self._last_write = 0.0
+        self._last_event_step: dict[str, int] = {}
+        self._cancel_checked = 0.0
+        self._cancel_cached = False
+        self.lineage_id = 0
+
+    # -- writes guarded by the claim token ---------------------------------------------------
+    def _guarded(self, session: Session, **values: Any) -> None:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == self.claim.job_id, Job.claim_token == self.claim.token)
+            .values(updated_at=utcnow(), **values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            self.lost.set()
+            raise LeaseLost()
+
+    def _owned_job(self, session: Session) -> Job:
+        job = session.get(Job, self.claim.job_id)
+        if job is None or job.claim_token != self.claim.token:
+            self.lost.set()
+            raise LeaseLost()
+        return job
+
+    # -- heartbeat ---------------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="das-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        interval = max(0.5, self.settings.lease_seconds / 4)
+        while not self._stop.wait(interval):
+            now = utcnow()
+            try:
+                with self.factory() as session, session.begin():
+                    self._guarded(
+                        session,
+                        heartbeat_at=now,
+                        lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
+                    )
+            except LeaseLost:
+                log.warning("job %s: lease lost; stopping at the next step", self.claim.job_id)
+                return
+            except OperationalError:  # the database blinked: try again at the next beat
+                log.warning("job %s: heartbeat failed; retrying", self.claim.job_id, exc_info=True)
+
+    # -- engine callbacks --------------------------------------------------------------------
+    def on_progress(self, event: Any) -> None:
+        phase = event.phase if event.phase in PHASE_SPAN else (self.phase or "training")
+        lo, hi = PHASE_SPAN[phase]
+        fraction = (event.step / event.total) if event.total else 0.0
+        self.progress = max(self.progress, lo + (hi - lo) * min(1.0, max(0.0, fraction)))
+        phase_changed = phase != self.phase
+        self.phase = phase
+        now = time.monotonic()
+        last_step = self._last_event_step.get(phase)
+        event_due = (
+            phase_changed
+            or bool(event.message)
+            or (event.total and event.step >= event.total)
+            or last_step is None
+            or event.step - last_step >= self.settings.event_every_steps
+        )
+        write_due = event_due or now - self._last_write >= self.settings.progress_interval_seconds
+        if not write_due:
+            return
+        self._last_write = now
+        values: dict[str, Any] = {"phase": phase, "progress": self.progress}
+        if phase == "training" and event.total:  # step, total and ETA count training steps
+            values["step"] = event.step
+            values["total_steps"] = event.total
+            values["eta_seconds"] = event.eta_s
+            values["trained_tokens"] = int(event.trained_tokens or 0)
+            if event.loss is not None:
+                values["loss"] = float(event.loss)
+        try:
+            with self.factory() as session, session.begin():
+                self._guarded(session, **values)
+                if event_due:
+                    self._last_event_step[phase] = event.step
+                    add_event(
+                        session,
+                        self.claim.job_id,
+                        "phase" if phase_changed else "progress",
+                        event.message or f"{phase} step {event.step}/{event.total}",
+                        data=_json_safe(event.to_dict()),
+                    )
+        except LeaseLost:
+            pass  # should_cancel() now answers True
+        except OperationalError:
+            log.warning(
+                "job %s: progress not recorded (database)", self.claim.job_id, exc_info=True
+            )
+
+    def should_cancel(self) -> bool:
+        if self.lost.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._cancel_checked < 1.0:
+            return self._cancel_cached
+        self._cancel_checked = now
+        try:
+            with self.factory() as session:
+                row = session.execute(
+                    select(Job.status, Job.claim_token).where(Job.id == self.claim.job_id)
+                ).one()
+        except OperationalError:
+            return self._cancel_cached
+        if row.claim_token != self.claim.token:
+            self.lost.set()
+        self._cancel_cached = row.status == JOB_CANCELLING or self.lost.is_set()
+        return self._cancel_cached
+
+    # -- the job -----------------------------------------------------------------------------
+    def execute(self) -> str:
+        from das_engine.errors import Cancelled, DasError, DomainExistsError
+
+        try:
+            spec = self._load_spec()
+            self.lineage_id = spec.lineage_id
+            lineage = self._open_lineage(spec)
+            try:
+                result = lineage.add_domain(
+                    spec.corpus,
+                    spec.name,
+                    eval_corpus=spec.eval_corpus,
+                    progress=self.on_progress,
+                    should_cancel=self.should_cancel,
+                )
+            except DomainExistsError:
+                # The engine finished this stage but the database never heard of it (a crash
+                # between the two): adopt the finished stage instead of training it again.
+                result = _finished_stage_result(lineage, spec.name)
+                if result is None:
+                    raise
+            self._record_success(lineage, result)
+            return JOB_SUCCEEDED
+        except LeaseLost:
+            return "lease_lost"
+        except Cancelled:
+            if self.lost.is_set():
+                return "lease_lost"
+            return self._finish(JOB_CANCELLED, None, "cancelled at a step boundary")
+        except DasError as exc:
+            return self._fail(exc.code, exc.message)
+        except MemoryError:
+            return self._fail("out_of_memory", "the job ran out of memory")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                return self._fail("disk_full", "no space left on the device")
+            return self._fail_unexpected(exc)
+        except Exception as exc:  # noqa: BLE001 - every failure must end in a state
+            if _is_cuda_oom(exc):
+                return self._fail("out_of_memory", "the GPU ran out of memory")
+            return self._fail_unexpected(exc)
+
+    def _fail(self, code: str, message: str) -> str:
+        error = {"code": code, "message": message[:2000], "phase": self.phase}
+        return self._finish(JOB_FAILED, error, f"failed: {message[:500]}")
+
+    def _fail_unexpected(self, exc: BaseException) -> str:
+        log.exception("job %s: unexpected error", self.claim.job_id)
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        status = self._fail("internal_error", f"unexpected {type(exc).__name__} in the worker")
+        try:
+            with self.factory() as session, session.begin():
+                add_event(session, self.claim.job_id, "traceback", trace[-8000:], level="error")
+        except OperationalError:
+            pass
+        return status
+
+    def _finish(self, status: str, error: dict | None, message: str) -> str:
+        for attempt in range(5):
+            try:
+                with self.factory() as session, session.begin():
+                    job = self._owned_job(session)
+                    finish_job(session, job, status, error=error, message=message)
+                return status
+            except LeaseLost:
+                return "lease_lost"
+            except OperationalError:
+                time.sleep(2**attempt)
+        raise RuntimeError(f"job {self.claim.job_id}: could not record its end state")
+
+    # -- inputs --------------------------------------------------------------------------------
+    def _load_spec(self) -> _Spec:
+        with self.factory() as session:
+            job = self._owned_job(session)
+            stage = session.get(Stage, job.stage_id)
+            lineage = session.get(Lineage, job.lineage_id)
+            assert stage is not None and lineage is not None
+
+            def corpus_path(corpus_id: int | None) -> Path | None:
+                if corpus_id is None:
+                    return None
+                corpus = session.get(Corpus, corpus_id)
+                assert corpus is not None
+                return resolve_stored(self.settings, corpus.storage_path)
+
+            corpus = corpus_path(stage.corpus_id)
+            assert corpus is not None
+            return _Spec(
+                lineage_id=lineage.id,
+                stage_id=stage.id,
+                name=stage.name,
+                corpus=corpus,
+                eval_corpus=corpus_path(stage.eval_corpus_id),
+                general_corpus=corpus_path(lineage.general_corpus_id),
+                base_model=lineage.base_model,
+                config={**lineage.hyperparameters, "strategy": lineage.strategy},
+            )
+
+    def _open_lineage(self, spec: _Spec) -> Any:
+        from das_engine.lineage import Lineage as EngineLineage
+
+        path = self.settings.lineages_dir / str(spec.lineage_id)
+        if (path / "lineage.json").exists():
+            return EngineLineage.open(path)
+        # Not created yet, or a creation that crashed half-way: start it afresh.
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.factory() as session, session.begin():
+            self._guarded(session)
+            add_event(
+                session,
+                self.claim.job_id,
+                "preparing",
+                f"creating the lineage on {spec.base_model}",
+            )
+        return EngineLineage.create(
+            path,
+            spec.base_model,
+            spec.config,
+            general_corpus=spec.general_corpus,
+            models_dir=self.settings.models_dir,
+            allow_hub=self.settings.allow_hub,
+        )
+
+    # -- results -------------------------------------------------------------------------------
+    def _record_success(self, lineage: Any, result: Any) -> None:
+        metrics = lineage.metrics()
+        snapshots = _importance_files(lineage, result)
+        for attempt in range(5):
+            try:
+                with self.factory() as session, session.begin():
+                    job = self._owned_job(session)
+                    stage = session.get(Stage, job.stage_id)
+                    assert stage is not None
+                    stage.engine_position = result.position
+                    stage.steps = result.steps
+                    stage.trained_tokens = result.trained_tokens
+                    session.add(
+                        Checkpoint(
+                            stage_id=stage.id,
+                            path=stored_path(self.settings, Path(result.model_dir)),
+                            step=result.steps,
+                            final=True,
+                        )
+                    )
+                    for kind, path, stats in snapshots:
+                        session.add(
+                            ImportanceSnapshot(
+                                stage_id=stage.id,
+                                kind=kind,
+                                path=stored_path(self.settings, path),
+                                stats=stats,
+                            )
+                        )
+                    _store_eval_scores(session, job.lineage_id, stage, metrics)
+                    job.progress = 1.0
+                    job.trained_tokens = result.trained_tokens
+                    job.step = job.total_steps = result.steps
+                    finish_job(
+                        session,
+                        job,
+                        JOB_SUCCEEDED,
+                        message=f"stage {stage.position} ({stage.name}) trained: "
+                        f"{result.steps} steps, {result.trained_tokens} tokens",
+                    )
+                    add_event(
+                        session,
+                        job.id,
+                        "result",
+                        "stage result",
+                        data=_json_safe(result.to_dict()),
+                    )
+                return
+            except OperationalError:
+                time.sleep(2**attempt)
+        raise RuntimeError(f"job {self.claim.job_id}: could not record its result")
+
+
+@dataclass
+class _Spec:
+    lineage_id: int
+    stage_id: int
+    name: str
+    corpus: Path
+    eval_corpus: Path | None
+    general_corpus: Path | None
+    base_model: str
+    config: dict
+
+
+def _finished_stage_result(lineage: Any, name: str) -> Any:
+    from das_engine.lineage import StageResult
+
+    for info in lineage.stages:
+        if info.name == name and info is lineage.stages[-1]:
+            meta = info.meta
+            return StageResult(
+                position=info.position,
+                name=info.name,
+                model_dir=info.model_dir,
+                importance_dir=info.importance_dir,
+                steps=int(meta.get("steps") or 0),
+                trained_tokens=int(meta.get("trained_tokens") or 0),
+                eval_losses=meta.get("eval") or {},
+                general_loss=meta.get("general_loss"),
+            )
+    return None
+
+
+def _importance_files(lineage: Any, result: Any) -> list[tuple[str, Path, dict]]:
+    """(kind, path, stats) of the snapshots that belong with this stage: its own domain and
+    accumulated importance, and the lineage's general importance they build on."""
+    out = []
+    general = Path(lineage.path) / "importance" / "general.safetensors"
+    if general.is_file():
+        out.append(("general", general, {}))
+    stats = {}
+    for info in lineage.stages:
+        if info.position == result.position:
+            stats = info.meta.get("importance") or {}
+    for path in sorted(Path(result.importance_dir).glob("*.safetensors")):
+        kind = path.stem if path.stem in ("domain", "accumulated", "general") else "domain"
+        out.append((kind, path, _json_safe(stats.get(kind, {}))))
+    return out
+
+
+def _store_eval_scores(session: Session, lineage_id: int, stage: Stage, metrics: dict) -> None:
+    """Replace the lineage's matrix with the engine's (it back-fills earlier cells)."""
+    domains: list[str] = metrics.get("domains") or []
+    stage_ids = {
+        s.active_name: s.id
+        for s in session.scalars(select(Stage).where(Stage.lineage_id == lineage_id))
+        if s.active_name is not None and (s.id == stage.id or s.job.status == JOB_SUCCEEDED)
+    }
+    session.execute(delete(EvalScore).where(EvalScore.lineage_id == lineage_id))
+
+    def add(stage_id: int | None, domain: str | None, value: Any) -> None:
+        if isinstance(value, int | float) and value == value and abs(value) != float("inf"):
+            session.add(
+                EvalScore(
+                    lineage_id=lineage_id,
+                    stage_id=stage_id,
+                    domain=domain,
+                    metric="loss",
+                    value=float(value),
+                )
+            )
+
+    for row_name, row in zip(domains, metrics.get("loss_matrix") or [], strict=False):
+        if row_name in stage_ids:
+            for domain, value in zip(domains, row, strict=False):
+                add(stage_ids[row_name], domain, value)
+    for domain, value in zip(domains, metrics.get("base_losses") or [], strict=False):
+        add(None, domain, value)
+    general = metrics.get("general") or {}
+    if general:
+        add(None, None, general.get("base_loss"))
+        for row_name, value in zip(domains, general.get("losses") or [], strict=False):
+            if row_name in stage_ids:
+                add(stage_ids[row_name], None, value)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        oom = getattr(torch.cuda, "OutOfMemoryError", None)
+        if oom is not None and isinstance(exc, oom):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return "out of memory" in str(exc).lower() and type(exc).__name__ in (
+        "RuntimeError",
+        "OutOfMemoryError",
+    )

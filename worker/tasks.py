@@ -1,0 +1,51 @@
+"""The Celery task "run job N", and the sweep when the worker starts."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery.signals import worker_ready, worker_shutdown
+
+from app.db import make_engine, make_session_factory
+from app.settings import get_settings
+from worker.celery_app import app
+from worker.queue import RUN_JOB, Dispatcher
+from worker.runner import JobRunner
+from worker.sweep import PeriodicSweep, sweep
+
+log = logging.getLogger("das.worker")
+
+
+@lru_cache
+def _runner() -> JobRunner:
+    settings = get_settings()
+    factory = make_session_factory(make_engine(settings))
+    return JobRunner(settings, factory, Dispatcher(settings, app))
+
+
+@app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
+def run_job(job_id: int) -> str:
+    """Idempotent: the database decides whether this message runs the job."""
+    return _runner().run(int(job_id))
+
+
+_periodic: list[PeriodicSweep] = []
+
+
+@worker_ready.connect
+def _on_worker_ready(**_: object) -> None:
+    runner = _runner()
+    try:
+        sweep(runner.settings, stale_before=None, factory=runner.factory, enqueue=runner.enqueue)
+    except Exception:  # noqa: BLE001 - the periodic sweep will try again
+        log.warning("start-up sweep failed", exc_info=True)
+    thread = PeriodicSweep(runner.settings, runner.factory, runner.enqueue)
+    thread.start()
+    _periodic.append(thread)
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_: object) -> None:
+    for thread in _periodic:
+        thread.stopped.set()
