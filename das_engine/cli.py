@@ -143,6 +143,10 @@ def cmd_run(args) -> None:
 
     config = _config_overrides(args)
     config["strategy"] = args.strategy
+    domains = _domain_args(args.corpora)
+    missing = [str(p) for _, p in domains if not p.is_file()]
+    if missing:
+        raise DasError(f"corpus file(s) not found: {', '.join(missing)}")
     lineage = Lineage.create(
         Path(args.out),
         args.base,
@@ -152,7 +156,7 @@ def cmd_run(args) -> None:
         allow_hub=args.allow_hub,
     )
     printer = ProgressPrinter(args.quiet)
-    for name, path in _domain_args(args.corpora):
+    for name, path in domains:
         print(f"== stage {len(lineage.stages) + 1}: {name} ({path})", file=sys.stderr)
         lineage.add_domain(path, name, progress=printer)
         printer.close()

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from das_engine.errors import ConfigError
 
-STRATEGIES = ("das", "ncl", "one")
+STRATEGIES = ("das", "ncl", "one", "kd", "ewc", "replay", "adapter")
 MASK_MODES = ("update", "gradient")
 NORMALIZATIONS = ("paper", "one_sided", "rank")
 
@@ -49,6 +49,16 @@ class TrainingConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+    # baselines (strategies kd, ewc, replay, adapter)
+    kd_weight: float = 1.0  # KD: weight of the MSE to the previous model's last hidden states
+    ewc_lambda: float = 100.0  # EWC: penalty lambda/2 * sum F (theta - theta*)^2
+    ewc_gamma: float = 0.9  # EWC: online decay of the accumulated Fisher
+    ewc_fisher_samples: int = 64  # EWC: chunks (one backward each) for a domain's Fisher
+    replay_buffer_size: int = 256  # replay: chunk ids kept (with their stored outputs)
+    replay_alpha: float = 0.5  # replay (DER++): weight of the stored-output matching
+    replay_beta: float = 0.5  # replay (DER++): weight of the LM loss on replayed chunks
+    adapter_rank: int = 8  # adapter: LoRA rank of every adapted projection
+    adapter_alpha: float = 16.0  # adapter: LoRA scaling numerator (scale = alpha / rank)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,6 +97,12 @@ class TrainingConfig:
         in_range("importance_sample_ratio", 0.0, 1.0, lo_open=True)
         in_range("eval_fraction", 0.0, 0.5, lo_open=True)
         in_range("epochs", 0.0, 1000.0, lo_open=True)
+        in_range("kd_weight", 0.0, 1e4)
+        in_range("ewc_lambda", 0.0, 1e12)
+        in_range("ewc_gamma", 0.0, 1.0)
+        in_range("replay_alpha", 0.0, 1e4)
+        in_range("replay_beta", 0.0, 1e4)
+        in_range("adapter_alpha", 0.0, 1e4, lo_open=True)
         for name, lo, hi in (
             ("batch_size", 1, 4096),
             ("grad_accum", 1, 1024),
@@ -95,6 +111,9 @@ class TrainingConfig:
             ("eval_max_batches", 1, 100000),
             ("checkpoint_every", 1, 10**7),
             ("seed", 0, 2**31 - 1),
+            ("ewc_fisher_samples", 1, 100000),
+            ("replay_buffer_size", 1, 10**6),
+            ("adapter_rank", 1, 4096),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
