@@ -150,7 +150,7 @@ def test_ewc_fisher_is_saved_and_accumulated_online(tiny, tmp_path, corpora):
     )
     ewc2 = make_strategy(ctx.config)
     ewc2.prepare(ctx2)
-    assert float(ewc2.penalty(ctx.model)) == 0.0  # at the anchor
+    assert float(ewc2.penalty(ctx.model).detach()) == 0.0  # at the anchor
     ewc2.finish(ctx2)
     fisher2, _ = load_state(nxt)
     for n in fisher:
@@ -185,7 +185,7 @@ def test_kd_loss_is_zero_against_itself(tiny, tmp_path, corpora):
 
 def test_replay_buffer_is_bounded_balanced_and_holds_ids_not_text(engine_cache, tmp_path, corpora):
     lin = Lineage.create(tmp_path / "lin", "tiny-roberta", {**TINY, "strategy": "replay"})
-    for name in ("farm", "sea", "code"):
+    for name in ("farm", "sea"):
         lin.add_domain(corpora[name], name)
     stages = lin.stages
     for k, stage in enumerate(stages, start=1):
@@ -247,7 +247,8 @@ def test_adapter_changes_the_backbone_only_through_the_merge(engine_cache, tmp_p
 # -- every baseline runs a 2-stage lineage ---------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", ["kd", "ewc", "replay", "adapter"])
+# (replay and adapter run their 2-stage lineages in the tests above)
+@pytest.mark.parametrize("strategy", ["kd", "ewc"])
 def test_baseline_runs_a_two_stage_lineage(strategy, engine_cache, tmp_path, corpora):
     lin = Lineage.create(tmp_path / "lin", "tiny-roberta", {**TINY, "strategy": strategy})
     lin.add_domain(corpora["farm"], "farm")
