@@ -1,0 +1,1 @@
+"""Continual-learning benchmark: every strategy on the same domains, seeds and budget."""

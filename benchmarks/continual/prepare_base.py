@@ -1,0 +1,168 @@
+"""Build the benchmark's pretrained base once, cached outside git.
+
+A small RoBERTa (byte-level BPE tokenizer trained on the general corpus) pre-trained with
+MLM on the general corpus until its held-out loss is far below the unigram level, so that
+"forgetting general knowledge" measures something. The general corpus is split by
+document: a held-out part (never trained on) is written beside the model as
+``general_eval.txt`` and is the lineages' general reference corpus.
+
+    python -m benchmarks.continual.prepare_base --general benchmarks/data/out/general.txt
+
+Writes ``<out>/model`` (HF directory, loads with plain transformers), ``<out>/general_eval.txt``
+and ``<out>/base.json`` (sizes, losses, unigram entropy, wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from das_engine.bases import build_tiny_model, cache_dir, save_base, train_tokenizer
+from das_engine.data import ChunkStore, build_single_split, iter_documents
+from das_engine.evaluate import heldout_loss
+from das_engine.objective import Batcher, lm_forward
+from das_engine.units import build_unit_map
+
+
+def default_out() -> Path:
+    return cache_dir() / "bench-base"
+
+
+def split_general(general: Path, out: Path, eval_fraction: float) -> tuple[Path, Path]:
+    """Document-level split of the general corpus (deterministic hash of the doc number)."""
+    train, held = out / "general_train.txt", out / "general_eval.txt"
+    with open(train, "w", encoding="utf-8") as ft, open(held, "w", encoding="utf-8") as fe:
+        for i, doc in enumerate(iter_documents(general)):
+            h = int.from_bytes(hashlib.sha256(f"general:{i}".encode()).digest()[:8], "big")
+            (fe if h / 2**64 < eval_fraction else ft).write(doc + "\n\n")
+    return train, held
+
+
+def unigram_entropy(store: ChunkStore, special: set[int]) -> float:
+    """Entropy (nats) of the token unigram distribution: the loss of a model that knows
+    only token frequencies."""
+    counts: Counter[int] = Counter()
+    for start in range(0, len(store), 1024):
+        ids = store.rows(range(start, min(start + 1024, len(store))))["input_ids"]
+        counts.update(t for t in ids.flatten().tolist() if t not in special)
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--general", type=Path, default=Path("benchmarks/data/out/general.txt"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-steps", type=int, default=4000)
+    ap.add_argument("--minutes", type=float, default=25.0, help="wall-time budget for training")
+    ap.add_argument("--eval-fraction", type=float, default=0.03)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    train_txt, eval_txt = split_general(args.general, out, args.eval_fraction)
+    tokenizer = train_tokenizer([train_txt], vocab_size=args.vocab, max_length=args.block_size)
+    model = build_tiny_model(
+        tokenizer,
+        hidden_size=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate_size=args.intermediate,
+        max_positions=args.block_size,
+        seed=args.seed,
+    )
+    data = out / "tokenized"
+    build_single_split(train_txt, tokenizer, data / "train", block_size=args.block_size,
+                       objective="mlm", split="train")
+    build_single_split(eval_txt, tokenizer, data / "eval", block_size=args.block_size,
+                       objective="mlm")
+    train, held = ChunkStore(data / "train"), ChunkStore(data / "eval")
+    unit_map = build_unit_map(model)
+    batcher = Batcher(tokenizer, "mlm")
+    special = set(tokenizer.all_special_ids)
+
+    def evaluate() -> float:
+        return heldout_loss(model, unit_map, held, batcher, batch_size=32, max_batches=32)
+
+    initial = evaluate()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = max(1, args.max_steps // 20)
+    decay = max(1, args.max_steps - warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.05, (args.max_steps - s) / decay))
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train), generator=gen)
+    model.train()
+    deadline = started + args.minutes * 60
+    step, tokens, log = 0, 0, []
+    while step < args.max_steps and time.perf_counter() < deadline:
+        k = (step * args.batch_size) % len(train)
+        if k + args.batch_size > len(train):
+            order = torch.randperm(len(train), generator=gen)
+            k = 0
+        rows = train.rows(order[k : k + args.batch_size].tolist())
+        batch = batcher(rows["input_ids"], rows["attention_mask"], seed=args.seed * 7 + step)
+        torch.manual_seed(args.seed * 7919 + step)
+        loss = lm_forward(model, unit_map, batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        tokens += int(rows["attention_mask"].sum())
+        if step % 250 == 0:
+            ev = evaluate()
+            log.append({"step": step, "train_loss": float(loss), "eval_loss": ev})
+            print(f"step {step} train {float(loss):.3f} eval {ev:.3f} "
+                  f"{tokens / (time.perf_counter() - started):.0f} tok/s", flush=True)
+    final = evaluate()
+    save_base(model, tokenizer, out / "model")
+    report = {
+        "model": str(out / "model"),
+        "general_eval": str(eval_txt),
+        "architecture": "roberta",
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "heads": args.heads,
+        "intermediate": args.intermediate,
+        "vocab": len(tokenizer),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "steps": step,
+        "trained_tokens": tokens,
+        "train_chunks": len(train),
+        "eval_chunks": len(held),
+        "initial_eval_loss": initial,
+        "final_eval_loss": final,
+        "unigram_entropy": unigram_entropy(held, special),
+        "seconds": time.perf_counter() - started,
+        "log": log,
+    }
+    (out / "base.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "log"}, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
