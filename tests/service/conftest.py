@@ -247,6 +247,8 @@ def service_env(settings: Settings) -> dict[str, str]:
             "DAS_LEASE_SECONDS": str(settings.lease_seconds),
             "DAS_EVENT_EVERY_STEPS": str(settings.event_every_steps),
             "DAS_SWEEP_INTERVAL_SECONDS": str(settings.sweep_interval_seconds),
+            "DAS_CELERY_QUEUE": settings.celery_queue,
+            "DAS_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
             "PYTHONPATH": str(REPO),
             "PYTHONUNBUFFERED": "1",
         }

@@ -1,0 +1,179 @@
+"""Integration: the real PostgreSQL and Redis, a real Celery worker process, and the real
+engine on the tiny base. Skipped (with the reason) when the servers are unreachable, except
+under DAS_REQUIRE_SERVICES=1 where that is a failure."""
+
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.migrate import upgrade
+from tests.service.conftest import (
+    TINY_HP,
+    WorkerProcess,
+    corpus_text,
+    load_checkpoint_in_subprocess,
+    make_settings,
+    new_owner,
+    upload,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def stack(postgres_url, redis_url, tmp_path_factory):  # noqa: ANN201
+    data = tmp_path_factory.mktemp("pg-stack")
+    settings = make_settings(
+        data,
+        database_url=postgres_url,
+        celery_broker_url=redis_url,
+        celery_queue="das-test",
+        lease_seconds=15,
+        event_every_steps=1,
+        sweep_interval_seconds=5,
+    )
+    upgrade(settings)
+    app = create_app(settings)
+    worker = WorkerProcess(settings, data / "worker.log")
+    try:
+        worker.wait_ready()
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield settings, app, client, worker
+    finally:
+        worker.stop()
+        app.state.engine.dispose()
+
+
+def _job(client, owner, job_id):  # noqa: ANN001, ANN202
+    return client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
+
+
+def _wait_status(client, owner, job_id, statuses, timeout, worker):  # noqa: ANN001, ANN202
+    def done():  # noqa: ANN202
+        job = _job(client, owner, job_id)
+        return job if job["status"] in statuses else None
+
+    try:
+        return wait_for(done, timeout, f"job {job_id} to reach {statuses}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{_job(client, owner, job_id)}\nworker log:\n{worker.log()}") from exc
+
+
+def test_readyz_sees_postgres_and_redis(stack):
+    _, _, client, _ = stack
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_walkthrough_two_domains(stack, tmp_path):
+    """The README's curl walk-through: lineage -> two domains -> poll -> download -> metrics."""
+    settings, app, client, worker = stack
+    owner = new_owner(app)
+    started = time.monotonic()
+    lineage = client.post(
+        "/v1/lineages",
+        headers=owner.headers,
+        json={"name": "walk", "base_model": "tiny-roberta", "hyperparameters": TINY_HP},
+    ).json()["id"]
+    jobs = []
+    for domain in ("news", "law"):
+        corpus = upload(client, owner, f"{domain}.txt", corpus_text(domain)).json()["id"]
+        r = client.post(
+            f"/v1/lineages/{lineage}/domains",
+            headers=owner.headers,
+            json={"corpus_id": corpus, "name": domain},
+        )
+        assert r.status_code == 202, r.text
+        jobs.append(r.json()["job"]["id"])
+    for job_id in jobs:
+        job = _wait_status(client, owner, job_id, {"succeeded", "failed", "cancelled"}, 300, worker)
+        assert job["status"] == "succeeded", job
+    elapsed = time.monotonic() - started
+    print(f"\ntwo-domain walk-through on PostgreSQL+Redis: {elapsed:.1f}s")
+
+    first, second = (_job(client, owner, j) for j in jobs)
+    assert first["finished_at"] <= second["started_at"]  # strictly in order
+    r = client.get(f"/v1/lineages/{lineage}/stages/2/checkpoint", headers=owner.headers)
+    assert r.status_code == 200
+    tarfile.open(fileobj=io.BytesIO(r.content)).extractall(tmp_path, filter="data")
+    loaded = load_checkpoint_in_subprocess(tmp_path / f"lineage-{lineage}-stage-2-law")
+    assert loaded["finite"] and loaded["type"] == "roberta"
+    imp = client.get(f"/v1/lineages/{lineage}/stages/2/importance", headers=owner.headers)
+    assert imp.status_code == 200 and len(imp.content) > 1024
+
+    m = client.get(f"/v1/lineages/{lineage}/metrics", headers=owner.headers).json()
+    assert m["domains"] == ["news", "law"]
+    assert [len(row) for row in m["loss_matrix"]] == [2, 2]
+    assert all(math.isfinite(v) for row in m["loss_matrix"] for v in row)
+    assert all(math.isfinite(v) for row in m["perplexity_matrix"] for v in row)
+    assert math.isfinite(m["forgetting_rate"])
+
+
+def test_a_duplicated_message_trains_once(stack):
+    settings, app, client, worker = stack
+    owner = new_owner(app)
+    lineage = client.post(
+        "/v1/lineages",
+        headers=owner.headers,
+        json={"name": "dup", "base_model": "tiny-roberta", "hyperparameters": TINY_HP},
+    ).json()["id"]
+    corpus = upload(client, owner, "bio.txt", corpus_text("bio")).json()["id"]
+    job_id = client.post(
+        f"/v1/lineages/{lineage}/domains",
+        headers=owner.headers,
+        json={"corpus_id": corpus, "name": "bio"},
+    ).json()["job"]["id"]
+    # the same "run job N" message twice more (as a visibility-timeout redelivery would)
+    assert app.state.enqueue([job_id, job_id]) == [job_id, job_id]
+    job = _wait_status(client, owner, job_id, {"succeeded", "failed"}, 300, worker)
+    assert job["status"] == "succeeded"
+    time.sleep(3)  # let the worker consume the duplicates
+    import redis
+
+    queue_len = redis.Redis.from_url(settings.celery_broker_url).llen(settings.celery_queue)
+    assert queue_len == 0
+    events = client.get(f"/v1/jobs/{job_id}/events?limit=500", headers=owner.headers).json()
+    types = [e["type"] for e in events["data"]]
+    assert types.count("claimed") == 1 and types.count("succeeded") == 1
+    assert "resumed" not in types
+    assert _job(client, owner, job_id)["attempts"] == 1
+    stages = settings.lineages_dir / str(lineage) / "stages"
+    assert len([p for p in stages.iterdir() if not p.name.endswith(".partial")]) == 1
+
+
+def test_cancel_mid_training(stack):
+    settings, app, client, worker = stack
+    owner = new_owner(app)
+    hp = {**TINY_HP, "max_steps": 500, "checkpoint_every": 10}
+    lineage = client.post(
+        "/v1/lineages",
+        headers=owner.headers,
+        json={"name": "cancel", "base_model": "tiny-roberta", "hyperparameters": hp},
+    ).json()["id"]
+    corpus = upload(client, owner, "news.txt", corpus_text("news")).json()["id"]
+    job_id = client.post(
+        f"/v1/lineages/{lineage}/domains",
+        headers=owner.headers,
+        json={"corpus_id": corpus, "name": "news"},
+    ).json()["job"]["id"]
+
+    def training():  # noqa: ANN202
+        job = _job(client, owner, job_id)
+        return job["phase"] == "training" and (job["step"] or 0) >= 2
+
+    wait_for(training, 300, "training to start")
+    r = client.post(f"/v1/jobs/{job_id}/cancel", headers=owner.headers)
+    assert r.status_code == 202 and r.json()["status"] == "cancelling"
+    job = _wait_status(client, owner, job_id, {"cancelled", "succeeded", "failed"}, 60, worker)
+    assert job["status"] == "cancelled" and job["step"] < 500
+    stages = settings.lineages_dir / str(lineage) / "stages"
+    assert [p.name for p in stages.iterdir() if not p.name.endswith(".partial")] == []
