@@ -1,0 +1,188 @@
+"""End to end in the embedded default mode: ``das-service serve`` (SQLite, the filesystem
+Celery transport, a real worker subprocess) driven over real HTTP, like the README's curl
+walk-through; then Ctrl-C stops the API and the worker."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import httpx
+import pytest
+
+from tests.service.conftest import (
+    REPO,
+    TINY_HP,
+    corpus_text,
+    load_checkpoint_in_subprocess,
+    make_settings,
+    service_env,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):  # noqa: ANN201
+    data = tmp_path_factory.mktemp("embedded")
+    settings = make_settings(data, max_upload_bytes=4 << 20)
+    env = service_env(settings)
+    env.pop("DATABASE_URL", None)
+    env.pop("CELERY_BROKER_URL", None)
+    port = _free_port()
+    env["PORT"] = str(port)
+    log = (data / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def output() -> str:
+        return (data / "serve.log").read_text(errors="replace")
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited:\n{output()}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 120, "das-service serve to listen")
+        key = re.search(r"API key \(owner 'local'\): (\S+)", output()).group(1)
+        worker_pid = int(re.search(r"worker pid (\d+)", output()).group(1))
+        worker_log = data / "logs" / "worker.log"
+        wait_for(lambda: b" ready." in worker_log.read_bytes(), 120, "the worker")
+        yield url, key, process, worker_pid, output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_serve_prints_url_and_key(served):
+    url, key, _, _, output = served
+    text = output()
+    assert url in text and key.startswith("das_")
+    assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_walkthrough_over_http(served, tmp_path):
+    url, key, _, _, output = served
+    h = {"Authorization": f"Bearer {key}"}
+    started = time.monotonic()
+    with httpx.Client(base_url=url, headers=h, timeout=60) as http:
+        lineage = http.post(
+            "/v1/lineages",
+            json={"name": "embedded", "base_model": "tiny-roberta", "hyperparameters": TINY_HP},
+        ).json()["id"]
+        jobs = []
+        for domain in ("news", "law"):
+            r = http.post(
+                f"/v1/lineages/{lineage}/domains",
+                data={"name": domain},
+                files={"file": (f"{domain}.txt", io.BytesIO(corpus_text(domain)))},
+            )
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["job"]["id"])
+
+        def finished() -> bool:
+            states = [http.get(f"/v1/jobs/{j}").json()["status"] for j in jobs]
+            assert "failed" not in states and "cancelled" not in states, states
+            return states == ["succeeded", "succeeded"]
+
+        wait_for(finished, 300, "both stages")
+        print(f"\ntwo-domain walk-through, embedded mode: {time.monotonic() - started:.1f}s")
+        with http.stream("GET", f"/v1/lineages/{lineage}/stages/2/checkpoint") as r:
+            assert r.status_code == 200
+            data = b"".join(r.iter_bytes())
+        tarfile.open(fileobj=io.BytesIO(data)).extractall(tmp_path, filter="data")
+        loaded = load_checkpoint_in_subprocess(tmp_path / f"lineage-{lineage}-stage-2-law")
+        assert loaded["finite"]
+        m = http.get(f"/v1/lineages/{lineage}/metrics").json()
+        assert [len(row) for row in m["loss_matrix"]] == [2, 2]
+        assert all(math.isfinite(v) for row in m["loss_matrix"] for v in row)
+
+
+def test_oversize_upload_is_refused_while_streaming(served):
+    """A chunked upload without Content-Length: the 413 comes back long before the client
+    has sent everything (the server stops reading at the limit)."""
+    url, key, _, _, _ = served
+    port = int(url.rsplit(":", 1)[1])
+    boundary = "streamlimit"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="big.txt"\r\nContent-Type: text/plain\r\n\r\n'
+    ).encode()
+    offered = 64 << 20  # 64 MiB offered against a 4 MiB limit
+    sent = 0
+    response = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            (
+                "POST /v1/corpora HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {key}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n"
+            ).encode()
+        )
+        chunk = b"word " * 13107  # ~64 KiB
+        payload = head
+        try:
+            while sent < offered:
+                frame = f"{len(payload + chunk):x}\r\n".encode() + payload + chunk + b"\r\n"
+                payload = b""
+                sock.sendall(frame)
+                sent += len(chunk)
+                if select.select([sock], [], [], 0)[0]:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(10)
+        try:
+            while b"\r\n\r\n" not in response:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                response += more
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert sent < offered / 4
+
+
+def test_ctrl_c_stops_api_and_worker(served):
+    _, _, process, worker_pid, output = served
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+
+    def worker_gone() -> bool:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(worker_gone, 60, "the worker to stop")
