@@ -67,3 +67,17 @@ def test_local_key_is_reused_and_private(tmp_path):
     assert (settings.local_key_file.stat().st_mode & 0o777) == 0o600
     settings.local_key_file.write_text("das_not-a-valid-key\n")
     assert local_api_key(settings) != first
+
+
+def test_integration_tests_skip_or_fail_when_services_are_down(monkeypatch):
+    import pytest
+
+    from tests.service import conftest
+
+    monkeypatch.setattr(conftest, "_postgres_problem", lambda: "PostgreSQL unreachable (test)")
+    monkeypatch.delenv("DAS_REQUIRE_SERVICES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="unreachable"):
+        conftest.require_services("postgres")
+    monkeypatch.setenv("DAS_REQUIRE_SERVICES", "1")
+    with pytest.raises(pytest.fail.Exception, match="DAS_REQUIRE_SERVICES=1"):
+        conftest.require_services("postgres")
