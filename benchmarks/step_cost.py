@@ -22,7 +22,7 @@ import torch
 
 from das_engine.bases import build_tiny_model, bundled_tokenizer
 from das_engine.config import TrainingConfig
-from das_engine.data import ChunkStore, _write_split
+from das_engine.data import ChunkStore, write_rows
 from das_engine.importance import Importance
 from das_engine.objective import Batcher
 from das_engine.strategies import StageContext, make_strategy
@@ -113,7 +113,7 @@ def main() -> None:
     ids = torch.randint(5, len(tokenizer), (n_chunks, args.seq), generator=g)
     rows = [{"input_ids": r.tolist(), "attention_mask": [1] * args.seq} for r in ids]
     with tempfile.TemporaryDirectory() as tmp:
-        _write_split(rows, Path(tmp) / "train", "train")
+        write_rows(rows, Path(tmp) / "train")
         store = ChunkStore(Path(tmp) / "train")
         probe = build_tiny_model(
             tokenizer,

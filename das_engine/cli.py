@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from das_engine.errors import DasError
+from das_engine.errors import CorpusError, DasError
 
 # flags that map onto TrainingConfig fields (None = not given, keep the default)
 CONFIG_FLAGS: dict[str, tuple[str, type]] = {
@@ -146,7 +146,7 @@ def cmd_run(args) -> None:
     domains = _domain_args(args.corpora)
     missing = [str(p) for _, p in domains if not p.is_file()]
     if missing:
-        raise DasError(f"corpus file(s) not found: {', '.join(missing)}")
+        raise CorpusError(f"corpus file(s) not found: {', '.join(missing)}")
     lineage = Lineage.create(
         Path(args.out),
         args.base,

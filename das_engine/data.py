@@ -206,41 +206,102 @@ def _held_out(seed: int, doc_number: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def _chunks(tokenizer, docs: Iterator[str], block_size: int, objective: str):
-    """Concatenate documents (separator between them) and cut fixed-size chunks."""
-    bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    wrap = objective == "mlm" and bos is not None and sep is not None
-    body = block_size - 2 if wrap else block_size
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep or 0)
-    buffer: list[int] = []
+class Chunker:
+    """Concatenates documents (a separator between them) and cuts fixed-size chunks,
+    tokenizing 256 documents at a time; memory stays bounded whatever the corpus size."""
 
-    def emit(ids: list[int]) -> dict:
-        ids = [bos, *ids, sep] if wrap else ids
-        mask = [1] * len(ids) + [0] * (block_size - len(ids))
-        return {"input_ids": ids + [pad] * (block_size - len(ids)), "attention_mask": mask}
+    def __init__(self, tokenizer, block_size: int, objective: str) -> None:
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        bos = (
+            tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        )
+        sep = (
+            tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        )
+        self.bos, self.sep = bos, sep
+        self.wrap = objective == "mlm" and bos is not None and sep is not None
+        self.body = block_size - 2 if self.wrap else block_size
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sep or 0)
+        self.buffer: list[int] = []
+        self.pending: list[str] = []
 
-    batch: list[str] = []
+    def _emit(self, ids: list[int]) -> dict:
+        ids = [self.bos, *ids, self.sep] if self.wrap else ids
+        n = len(ids)
+        return {
+            "input_ids": ids + [self.pad] * (self.block_size - n),
+            "attention_mask": [1] * n + [0] * (self.block_size - n),
+        }
 
-    def flush(batch_docs: list[str]):
-        encoded = tokenizer(batch_docs, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            buffer.extend(ids)
-            if sep is not None:
-                buffer.append(sep)
-        while len(buffer) >= body:
-            yield emit(buffer[:body])
-            del buffer[:body]
+    def _flush(self) -> Iterator[dict]:
+        if self.pending:
+            for ids in self.tokenizer(self.pending, add_special_tokens=False)["input_ids"]:
+                self.buffer.extend(ids)
+                if self.sep is not None:
+                    self.buffer.append(self.sep)
+            self.pending = []
+        while len(self.buffer) >= self.body:
+            yield self._emit(self.buffer[: self.body])
+            del self.buffer[: self.body]
 
+    def feed(self, doc: str) -> Iterator[dict]:
+        self.pending.append(doc)
+        if len(self.pending) >= 256:
+            yield from self._flush()
+
+    def finish(self) -> Iterator[dict]:
+        yield from self._flush()
+        if self.buffer and any(t != self.sep for t in self.buffer):
+            yield self._emit(self.buffer)
+        self.buffer = []
+
+
+def _chunks(tokenizer, docs, block_size: int, objective: str) -> Iterator[dict]:
+    chunker = Chunker(tokenizer, block_size, objective)
     for doc in docs:
-        batch.append(doc)
-        if len(batch) == 256:
-            yield from flush(batch)
-            batch = []
-    if batch:
-        yield from flush(batch)
-    if buffer and any(t != sep for t in buffer):
-        yield emit(buffer)
+        yield from chunker.feed(doc)
+    yield from chunker.finish()
+
+
+class SplitWriter:
+    """Streams chunks into one Arrow file that ``ChunkStore`` memory-maps."""
+
+    FILE = "chunks.arrow"
+
+    def __init__(self, target: Path) -> None:
+        import pyarrow as pa
+
+        self.pa = pa
+        target = Path(target)
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        self.schema = pa.schema(
+            [("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8()))]
+        )
+        self.sink = pa.OSFile(str(target / self.FILE), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, self.schema)
+        self.rows: list[dict] = []
+        self.chunks = 0
+        self.tokens = 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.chunks += 1
+        self.tokens += sum(row["attention_mask"])
+        if len(self.rows) >= 1024:
+            self._write()
+
+    def _write(self) -> None:
+        if self.rows:
+            self.writer.write_batch(self.pa.RecordBatch.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self._write()
+        self.writer.close()
+        self.sink.close()
 
 
 def build_datasets(
@@ -254,67 +315,80 @@ def build_datasets(
     seed: int,
     max_line_chars: int = 1_000_000,
 ) -> dict[str, int]:
-    """Tokenize ``corpus`` into ``out_dir/train`` and ``out_dir/eval`` (Arrow, memory-mapped).
+    """Tokenize ``corpus`` into ``out_dir/train`` and ``out_dir/eval`` in one streaming pass.
 
     Returns the chunk and token counts. Raises ``CorpusError`` for an unusable corpus.
     """
     out_dir = Path(out_dir)
-    docs = list(enumerate(iter_documents(corpus, max_line_chars=max_line_chars)))
-    if not docs:
+    writers = {"train": SplitWriter(out_dir / "train"), "eval": SplitWriter(out_dir / "eval")}
+    chunkers = {k: Chunker(tokenizer, block_size, objective) for k in writers}
+    n_docs = 0
+    try:
+        for i, doc in enumerate(iter_documents(corpus, max_line_chars=max_line_chars)):
+            n_docs += 1
+            split = "eval" if _held_out(seed, i, eval_fraction) else "train"
+            for row in chunkers[split].feed(doc):
+                writers[split].add(row)
+        for split, chunker in chunkers.items():
+            for row in chunker.finish():
+                writers[split].add(row)
+    finally:
+        for w in writers.values():
+            w.close()
+    if n_docs == 0:
         raise CorpusError(f"{Path(corpus).name}: the corpus is empty or holds only whitespace")
-    held = [d for i, d in docs if _held_out(seed, i, eval_fraction)]
-    kept = [d for i, d in docs if not _held_out(seed, i, eval_fraction)]
-    train_rows = list(_chunks(tokenizer, iter(kept), block_size, objective)) if kept else []
-    eval_rows = list(_chunks(tokenizer, iter(held), block_size, objective)) if held else []
-    if not eval_rows or not train_rows:
-        # too few documents for a document-level split: hold out every k-th chunk instead
-        rows = list(_chunks(tokenizer, (d for _, d in docs), block_size, objective))
-        if len(rows) < 2:
-            raise CorpusError(
-                f"{Path(corpus).name}: too little text: it must fill at least two chunks of "
-                f"{block_size} tokens (one to train on, one to evaluate)"
-            )
-        k = max(2, round(1 / eval_fraction))
-        eval_rows = rows[k - 1 :: k]
-        train_rows = [r for j, r in enumerate(rows) if (j + 1) % k != 0]
-    counts = {}
-    for split, rows in (("train", train_rows), ("eval", eval_rows)):
-        counts.update(_write_split(rows, out_dir / split, split))
-    return counts
+    if writers["train"].chunks and writers["eval"].chunks:
+        return _counts(writers)
+    # too few documents for a document-level split (so the corpus is small): hold out
+    # every k-th chunk instead
+    rows = list(_chunks(tokenizer, iter_documents(corpus), block_size, objective))
+    if len(rows) < 2:
+        raise CorpusError(
+            f"{Path(corpus).name}: too little text: it must fill at least two chunks of "
+            f"{block_size} tokens (one to train on, one to evaluate)"
+        )
+    k = max(2, round(1 / eval_fraction))
+    picked = {"eval": rows[k - 1 :: k], "train": [r for j, r in enumerate(rows) if (j + 1) % k]}
+    for split, split_rows in picked.items():
+        writers[split] = write_rows(split_rows, out_dir / split)
+    return _counts(writers)
 
 
-def _write_split(rows: list[dict], target: Path, split: str) -> dict[str, int]:
-    from datasets import Dataset, Features, Sequence, Value
+def write_rows(rows, target: Path) -> SplitWriter:
+    writer = SplitWriter(target)
+    try:
+        for row in rows:
+            writer.add(row)
+    finally:
+        writer.close()
+    return writer
 
-    features = Features(
-        {"input_ids": Sequence(Value("int32")), "attention_mask": Sequence(Value("int8"))}
-    )
-    if target.exists():
-        shutil.rmtree(target)
-    Dataset.from_list(rows, features=features).save_to_disk(str(target))
-    return {
-        f"{split}_chunks": len(rows),
-        f"{split}_tokens": int(sum(sum(r["attention_mask"]) for r in rows)),
-    }
+
+def _counts(writers: dict[str, SplitWriter]) -> dict[str, int]:
+    out = {}
+    for split, w in writers.items():
+        out[f"{split}_chunks"] = w.chunks
+        out[f"{split}_tokens"] = w.tokens
+    return out
 
 
 def build_single_split(
     corpus: Path, tokenizer, target: Path, *, block_size: int, objective: str, split: str = "eval"
 ) -> dict[str, int]:
     """Tokenize a whole corpus into one split (a separate evaluation or general corpus)."""
-    rows = list(_chunks(tokenizer, iter_documents(corpus), block_size, objective))
-    if not rows:
+    writer = write_rows(_chunks(tokenizer, iter_documents(corpus), block_size, objective), target)
+    if writer.chunks == 0:
         raise CorpusError(f"{Path(corpus).name}: the corpus is empty or holds only whitespace")
-    return _write_split(rows, Path(target), split)
+    return _counts({split: writer})
 
 
 class ChunkStore:
     """A memory-mapped split, read as tensors by row indices."""
 
     def __init__(self, path: Path) -> None:
-        from datasets import load_from_disk
+        from datasets import Dataset
 
-        self.dataset = load_from_disk(str(path)).with_format("numpy")
+        self.dataset = Dataset.from_file(str(Path(path) / SplitWriter.FILE)).with_format("numpy")
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -28,8 +28,16 @@ def test_controls_are_always_added():
     names = [v.name for v in expand(["kd"])]
     assert names[0] == "kd"
     assert set(CONTROLS) <= set(names)
-    assert {"das_permuted", "ncl", "ncl_lr0.5", "ncl_lr0.25", "ncl_lr0.1", "das_gradient",
-            "das_one_sided", "das_rank"} <= set(names)
+    assert {
+        "das_permuted",
+        "ncl",
+        "ncl_lr0.5",
+        "ncl_lr0.25",
+        "ncl_lr0.1",
+        "das_gradient",
+        "das_one_sided",
+        "das_rank",
+    } <= set(names)
     assert [v.name for v in expand(["ncl", "ewc"], controls=False)] == ["ncl", "ewc"]
     adhoc = expand(["das:mask_mode=gradient,lr_scale=0.5"], controls=False)[0]
     assert adhoc.overrides == {"mask_mode": "gradient"} and adhoc.lr_scale == 0.5
@@ -49,22 +57,57 @@ def test_tiny_two_domain_two_strategy_run(tmp_path):
     for i, (name, words) in enumerate(VOCAB.items()):
         _corpus(data / f"{name}.txt", words, 60, i)
     out = tmp_path / "bench"
-    results = bench.main([
-        "--domains", "farm,sea", "--data-dir", str(data), "--base", "tiny-roberta",
-        "--general", str(data / "general.txt"), "--strategies", "ncl,das", "--no-controls",
-        "--seeds", "0,1", "--tokens-per-domain", "256", "--train-slack", "3",
-        "--eval-tokens", "300", "--general-tokens", "300",
-        "--set", "batch_size=4", "--set", "block_size=32", "--set", "eval_max_batches=2",
-        "--set", "importance_max_batches=1", "--out", str(out),
-    ])
+    results = bench.main(
+        [
+            "--domains",
+            "farm,sea",
+            "--data-dir",
+            str(data),
+            "--base",
+            "tiny-roberta",
+            "--general",
+            str(data / "general.txt"),
+            "--strategies",
+            "ncl,das",
+            "--no-controls",
+            "--seeds",
+            "0,1",
+            "--tokens-per-domain",
+            "256",
+            "--train-slack",
+            "3",
+            "--eval-tokens",
+            "300",
+            "--general-tokens",
+            "300",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "block_size=32",
+            "--set",
+            "eval_max_batches=2",
+            "--set",
+            "importance_max_batches=1",
+            "--out",
+            str(out),
+        ]
+    )
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["strategies"].keys() == results["strategies"].keys() == {"ncl", "das"}
     assert on_disk["setup"]["steps_per_domain"] == 2  # 256 tokens / (4 x 32)
     for name, s in on_disk["strategies"].items():
         assert s["seeds"] == [0, 1]
         assert len(s["loss_matrix"]) == 2 and all(len(r) == 2 for r in s["loss_matrix"])
-        for key in ("forgetting_rate", "bwt", "fwt", "max_forgetting", "general_change",
-                    "wall_s", "tokens_per_s", "learning"):
+        for key in (
+            "forgetting_rate",
+            "bwt",
+            "fwt",
+            "max_forgetting",
+            "general_change",
+            "wall_s",
+            "tokens_per_s",
+            "learning",
+        ):
             assert set(s[key]) >= {"mean", "std", "values"}, (name, key)
             assert s[key]["n"] == 2, (name, key)
         assert s["bwt"]["mean"] == -s["forgetting_rate"]["mean"]
@@ -76,8 +119,27 @@ def test_tiny_two_domain_two_strategy_run(tmp_path):
     assert (out / "data" / "farm.train.txt").exists()
     assert not (out / "runs" / "ncl" / "seed-0" / "lineage").exists()  # only metrics kept
     before = (out / "runs" / "das" / "seed-1" / "metrics.json").stat().st_mtime_ns
-    bench.main(["--domains", "farm,sea", "--data-dir", str(data), "--base", "tiny-roberta",
-                "--strategies", "das", "--no-controls", "--seeds", "1",
-                "--tokens-per-domain", "256", "--set", "batch_size=4", "--set", "block_size=32",
-                "--out", str(out)])
+    bench.main(
+        [
+            "--domains",
+            "farm,sea",
+            "--data-dir",
+            str(data),
+            "--base",
+            "tiny-roberta",
+            "--strategies",
+            "das",
+            "--no-controls",
+            "--seeds",
+            "1",
+            "--tokens-per-domain",
+            "256",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "block_size=32",
+            "--out",
+            str(out),
+        ]
+    )
     assert (out / "runs" / "das" / "seed-1" / "metrics.json").stat().st_mtime_ns == before

@@ -90,10 +90,17 @@ def test_run_two_domains_then_add_and_load_without_das_engine(tmp_path):
 
 
 def test_errors_are_one_line_with_a_code(tmp_path):
-    r = _run(["run", "--base", "no-such-model", "--out", str(tmp_path / "x"), "a.txt"])
+    r = _run(["run", "--base", "tiny-roberta", "--out", str(tmp_path / "x"), "missing.txt"])
+    assert r.returncode == 2 and "invalid_corpus" in r.stderr and "missing.txt" in r.stderr
+    assert not (tmp_path / "x").exists()  # nothing created for a run that cannot start
+    (tmp_path / "a.txt").write_text(LEGAL)
+    r = _run(
+        ["run", "--base", "no-such-model", "--out", str(tmp_path / "x"), "a.txt"], cwd=tmp_path
+    )
     assert r.returncode == 2
     assert "base_model_unloadable" in r.stderr and "Traceback" not in r.stderr
-    r = _run(["run", "--base", "tiny-roberta", "--out", str(tmp_path / "y"), "--lr", "-1", "a.txt"])
+    args = ["run", "--base", "tiny-roberta", "--out", str(tmp_path / "y"), "--lr", "-1", "a.txt"]
+    r = _run(args, cwd=tmp_path)
     assert r.returncode == 2 and "learning_rate" in r.stderr
 
 
