@@ -23,7 +23,7 @@ def validate_upload(settings: Settings, stored: StoredFile) -> tuple[str, bool, 
     """(format, compressed, report) of a stored upload; raises a 413/422 ``Problem``."""
     from das_engine.data import validate_corpus
 
-    fmt, _ = detect_format(stored.client_filename)
+    fmt, _ = detect_format(stored.path.name)
     uncompressed = check_gzip(
         stored.path,
         max_uncompressed=settings.max_uncompressed_bytes,

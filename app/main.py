@@ -113,7 +113,7 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
                 if path.startswith("/v1"):
                     codes.insert(0, "401")
                 if method == "post":
-                    codes += ["409", "413", "429"]
+                    codes += ["400", "409", "413", "415", "429"]
                 if path == "/readyz":
                     codes.append("503")
                 for code in codes:

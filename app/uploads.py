@@ -47,7 +47,9 @@ def display_filename(name: str) -> str:
     """The client's name, kept for display only: printable, no path, bounded length."""
     base = name.replace("\\", "/").split("/")[-1]
     base = "".join(ch for ch in base if ch.isprintable())
-    return base[:255] or "corpus"
+    if len(base) > 255:  # keep the start and the suffix
+        base = base[:200] + "..." + base[-52:]
+    return base or "corpus"
 
 
 def detect_format(filename: str) -> tuple[str, bool]:

@@ -75,7 +75,7 @@ async def upload_corpus(
 
 @router.get("", response_model=Page[CorpusOut], summary="List your corpora")
 def list_corpora(
-    after: str | None = Query(None, max_length=32),
+    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),

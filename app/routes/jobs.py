@@ -31,7 +31,7 @@ def get_job(
 @router.get("/{job_id}/events", response_model=Page[JobEventOut], summary="A job's event log")
 def list_events(
     job_id: int,
-    after: str | None = Query(None, max_length=32),
+    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
     limit: int = Query(DEFAULT_LIMIT * 5, ge=1, le=MAX_LIMIT * 5),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),

@@ -139,7 +139,7 @@ def create_lineage(
 
 @router.get("", response_model=Page[LineageOut], summary="List your lineages")
 def list_lineages(
-    after: str | None = Query(None, max_length=32),
+    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
