@@ -364,8 +364,14 @@ def _domain_fields(fields: dict[str, str]) -> DomainCreate:
 # -- artifacts ----------------------------------------------------------------------------
 
 
-def _succeeded_stage(session: Session, lineage_id: int, position: int, owner: str) -> Stage:
-    stage = owned_stage(session, lineage_id, position, owner)
+def succeeded_stage(
+    lineage_id: int,
+    position: int,
+    principal: Principal = Depends(authenticate),
+    session: Session = Depends(get_session),
+) -> Stage:
+    """The caller's stage at ``position`` (404), once it has succeeded (409 before)."""
+    stage = owned_stage(session, lineage_id, position, principal.owner)
     if stage.job.status != JOB_SUCCEEDED:
         raise Problem(
             409,
@@ -375,7 +381,8 @@ def _succeeded_stage(session: Session, lineage_id: int, position: int, owner: st
     return stage
 
 
-def _tar_response(request: Request, plan: TarPlan, filename: str) -> Response:
+def _tar_response(request: Request, session: Session, plan: TarPlan, name: str) -> Response:
+    session.close()  # no transaction is held while the archive streams
     etag = plan.etag
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
@@ -384,7 +391,7 @@ def _tar_response(request: Request, plan: TarPlan, filename: str) -> Response:
         media_type="application/x-tar",
         headers={
             "Content-Length": str(plan.content_length),
-            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Content-Disposition": f'attachment; filename="{name}.tar"',
             "ETag": etag,
             "Cache-Control": "private, no-cache",
         },
@@ -395,65 +402,54 @@ def _missing_artifact(what: str) -> Problem:
     return Problem(410, "artifact_missing", f"the {what} files are no longer on the server")
 
 
-TAR_RESPONSE = {200: {"content": {"application/x-tar": {}}, "description": "a tar archive"}}
+def _tar_route(summary: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "response_class": StreamingResponse,
+        "responses": {200: {"content": {"application/x-tar": {}}, "description": "a tar"}},
+    }
 
 
 @router.get(
     "/{lineage_id}/stages/{position}/checkpoint",
-    summary="Download a stage's checkpoint (HF directory) as .tar",
-    response_class=StreamingResponse,
-    responses=TAR_RESPONSE,
+    **_tar_route("Download a stage's checkpoint (HF directory) as .tar"),
 )
 def download_checkpoint(
-    lineage_id: int,
-    position: int,
     request: Request,
-    principal: Principal = Depends(authenticate),
+    stage: Stage = Depends(succeeded_stage),
     session: Session = Depends(get_session),
 ) -> Response:
-    settings = request.app.state.settings
-    stage = _succeeded_stage(session, lineage_id, position, principal.owner)
     checkpoint = session.scalar(
         select(Checkpoint)
         .where(Checkpoint.stage_id == stage.id, Checkpoint.final.is_(True))
         .order_by(Checkpoint.id.desc())
     )
-    if checkpoint is None:
+    root = resolve_stored(request.app.state.settings, checkpoint.path) if checkpoint else None
+    if root is None or not root.is_dir():
         raise _missing_artifact("checkpoint")
-    root = resolve_stored(settings, checkpoint.path)
-    if not root.is_dir():
-        raise _missing_artifact("checkpoint")
-    top = f"lineage-{lineage_id}-stage-{position}-{stage.name}"
-    session.close()  # no transaction held while the archive streams
-    return _tar_response(request, TarPlan.of_directory(root, top), f"{top}.tar")
+    top = f"lineage-{stage.lineage_id}-stage-{stage.position}-{stage.name}"
+    return _tar_response(request, session, TarPlan.of_directory(root, top), top)
 
 
 @router.get(
     "/{lineage_id}/stages/{position}/importance",
-    summary="Download a stage's importance snapshots (safetensors) as .tar",
-    response_class=StreamingResponse,
-    responses=TAR_RESPONSE,
+    **_tar_route("Download a stage's importance snapshots (safetensors) as .tar"),
 )
 def download_importance(
-    lineage_id: int,
-    position: int,
     request: Request,
-    principal: Principal = Depends(authenticate),
+    stage: Stage = Depends(succeeded_stage),
     session: Session = Depends(get_session),
 ) -> Response:
-    settings = request.app.state.settings
-    stage = _succeeded_stage(session, lineage_id, position, principal.owner)
     snapshots = session.scalars(
         select(ImportanceSnapshot)
         .where(ImportanceSnapshot.stage_id == stage.id)
         .order_by(ImportanceSnapshot.id)
     ).all()
-    files: list[Path] = [resolve_stored(settings, s.path) for s in snapshots]
+    files: list[Path] = [resolve_stored(request.app.state.settings, s.path) for s in snapshots]
     if not files or not all(f.is_file() for f in files):
         raise _missing_artifact("importance")
-    top = f"lineage-{lineage_id}-stage-{position}-{stage.name}-importance"
-    session.close()
-    return _tar_response(request, TarPlan.of_files(files, top), f"{top}.tar")
+    top = f"lineage-{stage.lineage_id}-stage-{stage.position}-{stage.name}-importance"
+    return _tar_response(request, session, TarPlan.of_files(files, top), top)
 
 
 # -- metrics ------------------------------------------------------------------------------

@@ -67,6 +67,22 @@ def _wait_status(client, owner, job_id, statuses, timeout, worker):  # noqa: ANN
         raise AssertionError(f"{_job(client, owner, job_id)}\nworker log:\n{worker.log()}") from exc
 
 
+def _lineage_with_one_domain(client, owner, domain, hyperparameters):  # noqa: ANN001, ANN202
+    lineage = client.post(
+        "/v1/lineages",
+        headers=owner.headers,
+        json={"name": domain, "base_model": "tiny-roberta", "hyperparameters": hyperparameters},
+    ).json()["id"]
+    corpus = upload(client, owner, f"{domain}.txt", corpus_text(domain)).json()["id"]
+    r = client.post(
+        f"/v1/lineages/{lineage}/domains",
+        headers=owner.headers,
+        json={"corpus_id": corpus, "name": domain},
+    )
+    assert r.status_code == 202, r.text
+    return lineage, r.json()["job"]["id"]
+
+
 def test_readyz_sees_postgres_and_redis(stack):
     _, _, client, _ = stack
     ready = client.get("/readyz")
@@ -121,17 +137,7 @@ def test_walkthrough_two_domains(stack, tmp_path):
 def test_a_duplicated_message_trains_once(stack):
     settings, app, client, worker = stack
     owner = new_owner(app)
-    lineage = client.post(
-        "/v1/lineages",
-        headers=owner.headers,
-        json={"name": "dup", "base_model": "tiny-roberta", "hyperparameters": TINY_HP},
-    ).json()["id"]
-    corpus = upload(client, owner, "bio.txt", corpus_text("bio")).json()["id"]
-    job_id = client.post(
-        f"/v1/lineages/{lineage}/domains",
-        headers=owner.headers,
-        json={"corpus_id": corpus, "name": "bio"},
-    ).json()["job"]["id"]
+    lineage, job_id = _lineage_with_one_domain(client, owner, "bio", TINY_HP)
     # the same "run job N" message twice more (as a visibility-timeout redelivery would)
     assert app.state.enqueue([job_id, job_id]) == [job_id, job_id]
     job = _wait_status(client, owner, job_id, {"succeeded", "failed"}, 300, worker)
@@ -154,17 +160,7 @@ def test_cancel_mid_training(stack):
     settings, app, client, worker = stack
     owner = new_owner(app)
     hp = {**TINY_HP, "max_steps": 500, "checkpoint_every": 10}
-    lineage = client.post(
-        "/v1/lineages",
-        headers=owner.headers,
-        json={"name": "cancel", "base_model": "tiny-roberta", "hyperparameters": hp},
-    ).json()["id"]
-    corpus = upload(client, owner, "news.txt", corpus_text("news")).json()["id"]
-    job_id = client.post(
-        f"/v1/lineages/{lineage}/domains",
-        headers=owner.headers,
-        json={"corpus_id": corpus, "name": "news"},
-    ).json()["job"]["id"]
+    lineage, job_id = _lineage_with_one_domain(client, owner, "news", hp)
 
     def training():  # noqa: ANN202
         job = _job(client, owner, job_id)
