@@ -173,3 +173,44 @@ def test_cancel_mid_training(stack):
     assert job["status"] == "cancelled" and job["step"] < 500
     stages = settings.lineages_dir / str(lineage) / "stages"
     assert [p.name for p in stages.iterdir() if not p.name.endswith(".partial")] == []
+
+
+def test_a_killed_worker_is_taken_over_and_resumes(stack, tmp_path):
+    """kill -9 of the worker mid-training: the lease expires, the periodic sweep of a new
+    worker sends the job again, and the engine resumes from the last step checkpoint."""
+    settings, _, _, _ = stack
+    own = settings.model_copy(
+        update={"celery_queue": "das-kill", "lease_seconds": 4.0, "sweep_interval_seconds": 2.0}
+    )
+    app = create_app(own)
+    first = WorkerProcess(own, tmp_path / "first.log")
+    second = None
+    try:
+        first.wait_ready()
+        with TestClient(app, raise_server_exceptions=False) as client:
+            owner = new_owner(app)
+            hp = {**TINY_HP, "max_steps": 24, "checkpoint_every": 3}
+            _, job_id = _lineage_with_one_domain(client, owner, "law", hp)
+
+            def past_a_checkpoint():  # noqa: ANN202
+                job = _job(client, owner, job_id)
+                return job["phase"] == "training" and (job["step"] or 0) >= 7
+
+            wait_for(past_a_checkpoint, 300, "training past a step checkpoint", interval=0.2)
+            first.process.kill()  # SIGKILL: no cleanup, the lease is left to expire
+            first.process.wait()
+            assert _job(client, owner, job_id)["status"] == "running"
+            second = WorkerProcess(own, tmp_path / "second.log")
+            second.wait_ready()
+            job = _wait_status(client, owner, job_id, {"succeeded", "failed"}, 300, second)
+            assert job["status"] == "succeeded" and job["attempts"] == 2
+            events = client.get(f"/v1/jobs/{job_id}/events?limit=500", headers=owner.headers)
+            data = events.json()["data"]
+            assert [e["type"] for e in data].count("resumed") == 1
+            result = next(e for e in data if e["type"] == "result")["data"]
+            assert result["steps"] == 24 and result["resumed_from_step"] >= 3
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        app.state.engine.dispose()
