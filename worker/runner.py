@@ -327,6 +327,12 @@ class _RunContext:
                 return "lease_lost"
             return self._finish(JOB_CANCELLED, None, "cancelled at a step boundary")
         except DasError as exc:
+            if "being trained by another process" in exc.message:
+                # The lineage is locked by a worker that has lost its lease but not yet noticed
+                # (it stops at its next step). Write nothing: this claim's lease expires and
+                # the sweep sends the job again, to resume once the lock is free.
+                log.warning("job %s: lineage busy; leaving it to the sweep", self.claim.job_id)
+                return "lineage_busy"
             return self._fail(exc.code, exc.message)
         except MemoryError:
             return self._fail("out_of_memory", "the job ran out of memory")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, get_session
+from app.idempotency import IdempotencyScope, request_hash
 from app.lifecycle import request_cancel
 from app.models import JOB_TERMINAL, JobEvent
 from app.presenters import job_out
@@ -65,13 +67,19 @@ def list_events(
 )
 def cancel_job(
     job_id: int,
+    request: Request,
     principal: Principal = Depends(write_access),
-    session: Session = Depends(get_session),
-) -> JobOut:
-    with session.begin():
-        job, stage = owned_job(session, job_id, principal.owner)
-        if job.status in JOB_TERMINAL:
-            raise Problem(409, "job_finished", f"job {job_id} already {job.status}")
-        request_cancel(session, job)
-    session.refresh(job)
-    return job_out(job, stage)
+) -> JSONResponse:
+    factory = request.app.state.session_factory
+    scope = IdempotencyScope.from_request(request, principal.owner)
+
+    def produce() -> dict:
+        with factory() as session, session.begin():
+            job, stage = owned_job(session, job_id, principal.owner)
+            if job.status in JOB_TERMINAL:
+                raise Problem(409, "job_finished", f"job {job_id} already {job.status}")
+            request_cancel(session, job)
+            session.flush()
+            return job_out(job, stage).model_dump(mode="json")
+
+    return scope.run(request_hash(scope.endpoint, None), 202, produce)

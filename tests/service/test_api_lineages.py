@@ -335,3 +335,12 @@ def test_artifacts_of_an_unfinished_stage(client, alice, lineage, news):
 def test_metrics_of_an_empty_lineage(client, alice, lineage):
     m = client.get(f"/v1/lineages/{lineage['id']}/metrics", headers=alice.headers).json()
     assert m["domains"] == [] and m["loss_matrix"] == [] and m["forgetting_rate"] is None
+
+
+def test_idempotent_cancel(client, alice, lineage, news):
+    job = add_domain(client, alice, lineage["id"], news, "news").json()["job"]
+    key = {**alice.headers, "Idempotency-Key": "cancel-once"}
+    first = client.post(f"/v1/jobs/{job['id']}/cancel", headers=key)
+    again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=key)
+    assert first.status_code == again.status_code == 202
+    assert first.json() == again.json() and again.headers["idempotent-replayed"] == "true"

@@ -266,3 +266,21 @@ def test_sweep_finds_lost_messages_and_dead_workers(env):
         assert queued not in recent and dead in recent
     sent = EnqueueRecorder()
     assert set(sweep(settings, stale_before=None, factory=factory, enqueue=sent)) >= {queued, dead}
+
+
+def test_a_lineage_locked_by_a_stale_worker_is_left_to_the_sweep(env, monkeypatch):
+    from das_engine.errors import LineageError
+    from das_engine.lineage import Lineage
+
+    settings, app, client, runner, _ = env
+    owner = new_owner(app)
+    lineage = create_lineage(client, owner).json()["id"]
+    job_id = _domain(client, owner, lineage, "news")
+
+    def busy(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        raise LineageError(f"{self.path} is being trained by another process")
+
+    monkeypatch.setattr(Lineage, "add_domain", busy)
+    assert runner.run(job_id) == "lineage_busy"
+    job = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
+    assert job["status"] == "running" and job["error"] is None  # its lease will expire
