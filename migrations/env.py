@@ -9,7 +9,12 @@ from app.models import Base
 from app.settings import Settings
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url") or Settings().resolved_database_url
+url = config.get_main_option("sqlalchemy.url")
+if not url:  # run by the alembic command line: the service's own settings
+    settings = Settings()
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
 
 
 def run_migrations_offline() -> None:
