@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-fraction", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue pre-training this model directory (tokenizer included)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,21 +83,34 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     train_txt, eval_txt = split_general(args.general, out, args.eval_fraction)
-    tokenizer = train_tokenizer([train_txt], vocab_size=args.vocab, max_length=args.block_size)
-    model = build_tiny_model(
-        tokenizer,
-        hidden_size=args.hidden,
-        layers=args.layers,
-        heads=args.heads,
-        intermediate_size=args.intermediate,
-        max_positions=args.block_size,
-        seed=args.seed,
-    )
+    previous = None
+    if args.init is not None:  # a second round: same tokenizer, same split, more steps
+        from das_engine.bases import load_model, load_tokenizer
+
+        tokenizer, model = load_tokenizer(args.init), load_model(args.init)
+        prev_report = args.init.parent / "base.json"
+        if prev_report.exists():
+            previous = json.loads(prev_report.read_text())
+        cfg = model.config
+        args.hidden, args.layers = cfg.hidden_size, cfg.num_hidden_layers
+        args.heads, args.intermediate = cfg.num_attention_heads, cfg.intermediate_size
+    else:
+        tokenizer = train_tokenizer([train_txt], vocab_size=args.vocab, max_length=args.block_size)
+        model = build_tiny_model(
+            tokenizer,
+            hidden_size=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            intermediate_size=args.intermediate,
+            max_positions=args.block_size,
+            seed=args.seed,
+        )
     data = out / "tokenized"
-    build_single_split(train_txt, tokenizer, data / "train", block_size=args.block_size,
+    if not (data / "train").exists():
+        build_single_split(train_txt, tokenizer, data / "train", block_size=args.block_size,
                        objective="mlm", split="train")
-    build_single_split(eval_txt, tokenizer, data / "eval", block_size=args.block_size,
-                       objective="mlm")
+        build_single_split(eval_txt, tokenizer, data / "eval", block_size=args.block_size,
+                           objective="mlm")
     train, held = ChunkStore(data / "train"), ChunkStore(data / "eval")
     unit_map = build_unit_map(model)
     batcher = Batcher(tokenizer, "mlm")
@@ -132,13 +147,18 @@ def main(argv: list[str] | None = None) -> dict:
         sched.step()
         step += 1
         tokens += int(rows["attention_mask"].sum())
-        if step % 250 == 0:
+        if step % 100 == 0:
             ev = evaluate()
-            log.append({"step": step, "train_loss": float(loss), "eval_loss": ev})
-            print(f"step {step} train {float(loss):.3f} eval {ev:.3f} "
+            log.append({"step": step, "train_loss": float(loss.detach()), "eval_loss": ev})
+            print(f"step {step} train {float(loss.detach()):.3f} eval {ev:.3f} "
                   f"{tokens / (time.perf_counter() - started):.0f} tok/s", flush=True)
     final = evaluate()
     save_base(model, tokenizer, out / "model")
+    if previous is not None:  # totals over both rounds
+        step += previous["steps"]
+        tokens += previous["trained_tokens"]
+        log = previous["log"] + [{**e, "step": e["step"] + previous["steps"]} for e in log]
+        initial = previous["initial_eval_loss"]
     report = {
         "model": str(out / "model"),
         "general_eval": str(eval_txt),
@@ -156,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         "initial_eval_loss": initial,
         "final_eval_loss": final,
         "unigram_entropy": unigram_entropy(held, special),
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started + (previous or {}).get("seconds", 0.0),
+        "rounds": 1 + (previous or {}).get("rounds", 1) if previous else 1,
         "log": log,
     }
     (out / "base.json").write_text(json.dumps(report, indent=2) + "\n")

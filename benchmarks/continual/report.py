@@ -120,7 +120,27 @@ def aggregate(runs: list[dict]) -> dict:
         }
         for k in SCALARS:
             entry[k] = summary([r.get(k) for r in rs])
+        entry["importance"] = importance_summary(rs)
         out[name] = entry
+    return out
+
+
+def importance_summary(rs: list[dict]) -> list[dict] | None:
+    """Per stage, per unit kind: mean over seeds of I_acc's mean and share above 0.5."""
+    if not all(r.get("importance") for r in rs) or not rs:
+        return None
+    out = []
+    for t in range(len(rs[0]["importance"])):
+        stage = {}
+        for kind in ("head", "intermediate", "output"):
+            acc = [((r["importance"][t] or {}).get("accumulated") or {}).get(kind) for r in rs]
+            acc = [a for a in acc if a]
+            if acc:
+                stage[kind] = {
+                    "mean": statistics.fmean(a["mean"] for a in acc),
+                    "share_above_half": statistics.fmean(a["share_above_half"] for a in acc),
+                }
+        out.append(stage)
     return out
 
 

@@ -157,6 +157,7 @@ def run_one(job: dict) -> dict:
     m["train_tokens"] = sum(s["trained_tokens"] or 0 for s in m["stages"])
     m["tokens_per_s"] = _nanmean(list(rates.values()))
     m["train_tokens_per_s_by_domain"] = rates
+    m["importance"] = [s.meta.get("importance") for s in lin.stages]  # DAS: I(t), I_acc(t) stats
     run_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(m, indent=2) + "\n")
     if not job.get("keep_lineage"):

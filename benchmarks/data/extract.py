@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 WS = re.compile(r"[ \t]+")
+SPLIT = "\x00section\x00"
 NAV = re.compile(r"(Prev|Next|Up|Home|Submit correction|«|»|\||Navigation)+.*?")
 
 
@@ -117,7 +118,8 @@ def scripture(out: Path, max_bytes: int):
 
 # -- HTML manuals -----------------------------------------------------------------------
 class _Text(html.parser.HTMLParser):
-    BLOCK = {"p", "div", "pre", "li", "tr", "h1", "h2", "h3", "h4", "dt", "dd", "br", "table"}
+    BLOCK = {"p", "div", "pre", "li", "tr", "h4", "dt", "dd", "br", "table"}
+    SECTION = {"h1", "h2", "h3"}  # a heading starts a new document
     SKIP = {"script", "style", "head", "nav"}
 
     def __init__(self) -> None:
@@ -128,13 +130,15 @@ class _Text(html.parser.HTMLParser):
     def handle_starttag(self, tag, attrs):
         if tag in self.SKIP:
             self.skip += 1
+        elif tag in self.SECTION:
+            self.parts.append(f"\n{SPLIT}\n")
         elif tag in self.BLOCK:
             self.parts.append("\n")
 
     def handle_endtag(self, tag):
         if tag in self.SKIP and self.skip:
             self.skip -= 1
-        elif tag in self.BLOCK:
+        elif tag in self.BLOCK or tag in self.SECTION:
             self.parts.append("\n")
 
     def handle_data(self, data):
@@ -154,10 +158,12 @@ def html_pages(pattern: str, drop: re.Pattern | None = None, first: tuple[str, .
             continue
         p = _Text()
         p.feed(Path(path).read_text(encoding="utf-8", errors="replace"))
-        lines = [ln.strip() for ln in "".join(p.parts).splitlines()]
-        # drop navigation lines (Prev/Next/Up/Home bars, "Table of Contents")
-        keep = [ln for ln in lines if ln and not NAV.fullmatch(ln)]
-        yield "\n".join(keep)
+        for section in "".join(p.parts).split(SPLIT):
+            lines = [ln.strip() for ln in section.splitlines()]
+            # drop navigation lines (Prev/Next/Up/Home bars)
+            keep = [ln for ln in lines if ln and not NAV.fullmatch(ln)]
+            if len(keep) > 1:  # a lone heading is not a document
+                yield "\n".join(keep)
 
 
 def postgres(out: Path, max_bytes: int):

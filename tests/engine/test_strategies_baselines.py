@@ -168,7 +168,7 @@ def test_kd_loss_is_zero_against_itself(tiny, tmp_path, corpora):
     ctx.model.eval()  # same weights, no dropout: identical hidden states
     batch = a_batch(ctx)
     out = lm_forward(ctx.model, ctx.unit_map, batch)
-    assert float(kd.distill(out.hidden, batch)) == 0.0
+    assert float(kd.distill(out.hidden, batch).detach()) == 0.0
     total, logs = kd.loss(ctx.model, batch)
     assert logs["kd"] == 0.0
     assert float(total) == pytest.approx(logs["lm_loss"])
