@@ -346,6 +346,8 @@ class _RunContext:
             return self._fail_unexpected(exc)
 
     def _fail(self, code: str, message: str) -> str:
+        # the server's folders are nobody's business: name them as the configuration does
+        message = message.replace(str(self.settings.data_dir), "$DAS_DATA_DIR")
         error = {"code": code, "message": message[:2000], "phase": self.phase}
         return self._finish(JOB_FAILED, error, f"failed: {message[:500]}")
 

@@ -237,6 +237,12 @@ def test_domain_body_errors(client, alice, lineage, news):
     )
 
 
+def test_domain_json_body_is_capped(client, alice, lineage, news):
+    body = {"corpus_id": news, "name": "x" + "y" * (2 << 20)}
+    r = client.post(f"/v1/lineages/{lineage['id']}/domains", headers=alice.headers, json=body)
+    assert_problem(r, 413, "payload_too_large")
+
+
 def test_foreign_ids_in_domains_are_404(client, alice, bob, lineage, news):
     assert_problem(add_domain(client, bob, lineage["id"], news, "x"), 404)
     bobs = upload(client, bob, "b.txt", b"bob text\n").json()["id"]

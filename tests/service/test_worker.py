@@ -240,6 +240,7 @@ def test_engine_errors_keep_their_code(env):
     assert runner.run(job_id) == "failed"
     error = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()["error"]
     assert error["code"] == "lineage_error" and "does not exist" in error["message"]
+    assert str(settings.data_dir) not in error["message"]
 
 
 def test_sweep_finds_lost_messages_and_dead_workers(env):
