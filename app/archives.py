@@ -77,19 +77,60 @@ class TarPlan:
             digest.update(f"{m.arcname}\0{m.size}\0{m.mtime}\n".encode())
         return f'"{digest.hexdigest()[:32]}"'
 
-    def stream(self) -> Iterator[bytes]:
+    def _segments(self) -> Iterator[tuple[int, bytes | None, Path | None]]:
+        """(length, bytes, or the file to read them from) in archive order."""
         for m in self.members:
-            yield m.header()
-            if m.path is None:
+            header = m.header()
+            yield len(header), header, None
+            if m.path is not None:
+                yield m.size, None, m.path
+                if _padding(m.size):
+                    yield _padding(m.size), b"\0" * _padding(m.size), None
+        yield 2 * BLOCK, b"\0" * (2 * BLOCK), None
+
+    def stream(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of the archive; members before ``start`` are skipped
+        without reading them (a resumed download does not reread what it has)."""
+        end = self.content_length if end is None else end
+        offset = 0
+        for length, data, path in self._segments():
+            seg_start, offset = offset, offset + length
+            if offset <= start:
                 continue
-            remaining = m.size
-            with m.path.open("rb") as fh:
-                while remaining > 0:
-                    chunk = fh.read(min(CHUNK, remaining))
-                    if not chunk:  # the file shrank under us: keep the archive well-formed
-                        chunk = b"\0" * min(CHUNK, remaining)
-                    remaining -= len(chunk)
-                    yield chunk
-            if _padding(m.size):
-                yield b"\0" * _padding(m.size)
-        yield b"\0" * (2 * BLOCK)
+            if seg_start >= end:
+                break
+            lo, hi = max(start, seg_start) - seg_start, min(end, offset) - seg_start
+            if data is not None:
+                yield data[lo:hi]
+            else:
+                assert path is not None
+                yield from _read_range(path, lo, hi)
+
+
+def _read_range(path: Path, lo: int, hi: int) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        fh.seek(lo)
+        remaining = hi - lo
+        while remaining > 0:
+            chunk = fh.read(min(CHUNK, remaining))
+            if not chunk:  # the file shrank under us: keep the archive well-formed
+                chunk = b"\0" * min(CHUNK, remaining)
+            remaining -= len(chunk)
+            yield chunk
+
+
+def parse_range(header: str, total: int) -> tuple[int, int] | None:
+    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` -> [start, end) ; None if unsatisfiable
+    or not a single byte range."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if not first:  # a suffix: the last n bytes
+        n = int(last)
+        return (max(0, total - n), total) if n > 0 else None
+    start = int(first)
+    end = min(int(last) + 1, total) if last.isdigit() else total
+    return (start, end) if start < end else None

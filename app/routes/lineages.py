@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.archives import TarPlan
+from app.archives import TarPlan, parse_range
 from app.auth import Principal, authenticate, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.idempotency import IdempotencyScope, request_hash
@@ -395,20 +395,44 @@ def succeeded_stage(
 
 
 def _tar_response(request: Request, session: Session, plan: TarPlan, name: str) -> Response:
+    """The archive, with ETag / If-None-Match and a single byte Range (resumable)."""
     session.close()  # no transaction is held while the archive streams
     etag = plan.etag
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
-    return StreamingResponse(
-        plan.stream(),
-        media_type="application/x-tar",
-        headers={
-            "Content-Length": str(plan.content_length),
-            "Content-Disposition": f'attachment; filename="{name}.tar"',
-            "ETag": etag,
-            "Cache-Control": "private, no-cache",
-        },
-    )
+    total = plan.content_length
+    headers = {
+        "Content-Disposition": f'attachment; filename="{name}.tar"',
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, no-cache",
+    }
+    wanted = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if wanted and (if_range is None or if_range == etag):
+        span = parse_range(wanted, total)
+        if span is None:
+            raise Problem(
+                416,
+                "range_not_satisfiable",
+                f"the archive has {total} bytes; ask for one range within it",
+                headers={"Content-Range": f"bytes */{total}"},
+            )
+        start, end = span
+        headers.update(
+            {
+                "Content-Length": str(end - start),
+                "Content-Range": f"bytes {start}-{end - 1}/{total}",
+            }
+        )
+        return StreamingResponse(
+            plan.stream(start, end),
+            status_code=206,
+            media_type="application/x-tar",
+            headers=headers,
+        )
+    headers["Content-Length"] = str(total)
+    return StreamingResponse(plan.stream(), media_type="application/x-tar", headers=headers)
 
 
 def _missing_artifact(what: str) -> Problem:

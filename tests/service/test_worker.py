@@ -121,6 +121,16 @@ def test_checkpoint_and_importance_downloads(env, trained):
     assert any(n.startswith(f"{top}/tokenizer") for n in names)
     cached = client.get(url, headers={**owner.headers, "If-None-Match": r.headers["etag"]})
     assert cached.status_code == 304
+    # a resumed download: the rest of the archive from byte 1000, then a suffix range
+    rest = client.get(url, headers={**owner.headers, "Range": "bytes=1000-"})
+    assert rest.status_code == 206 and rest.content == r.content[1000:]
+    assert rest.headers["content-range"] == f"bytes 1000-{len(r.content) - 1}/{len(r.content)}"
+    tail = client.get(url, headers={**owner.headers, "Range": "bytes=-700"})
+    assert tail.content == r.content[-700:]
+    stale = client.get(url, headers={**owner.headers, "Range": "bytes=0-9", "If-Range": '"old"'})
+    assert stale.status_code == 200 and stale.content == r.content
+    bad = client.get(url, headers={**owner.headers, "Range": f"bytes={len(r.content)}-"})
+    assert_problem(bad, 416, "range_not_satisfiable")
     imp = client.get(f"/v1/lineages/{lineage}/stages/1/importance", headers=owner.headers)
     assert imp.status_code == 200
     files = {n.rsplit("/", 1)[-1] for n in tarfile.open(fileobj=io.BytesIO(imp.content)).getnames()}
