@@ -116,6 +116,13 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
                     codes += ["400", "409", "413", "415", "429"]
                 if path == "/readyz":
                     codes.append("503")
+                if path.endswith(("/checkpoint", "/importance")):
+                    codes += ["409", "410", "416"]
+                    responses["206"] = {
+                        "description": "the requested byte range of the archive",
+                        "content": {"application/x-tar": {}},
+                    }
+                    responses["304"] = {"description": "not modified (If-None-Match)"}
                 for code in codes:
                     responses[code] = dict(problem)
         if any(p.startswith("/v1") for p in schema.get("paths", {})):
