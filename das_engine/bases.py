@@ -244,9 +244,16 @@ def list_offline_bases(models_dir: Path | None = None) -> list[BaseModelInfo]:
 
 
 def resolve_base(
-    name: str, models_dir: Path | None = None, *, allow_hub: bool = False
+    name: str,
+    models_dir: Path | None = None,
+    *,
+    allow_hub: bool = False,
+    allow_paths: bool = True,
 ) -> BaseModelInfo:
-    """Find and check a base model by id, models-folder name, local path or hub name."""
+    """Find and check a base model by id, models-folder name, local path or hub name.
+
+    A server passes ``allow_paths=False`` so a client can never name a server directory.
+    """
     if not isinstance(name, str) or not name.strip():
         raise BaseModelError("base_model must be a non-empty string")
     if name == BUILTIN_TINY:
@@ -263,7 +270,7 @@ def resolve_base(
         if (candidate / "config.json").exists():
             return _describe(name, candidate)
     local = Path(name).expanduser()
-    if local.is_dir():
+    if allow_paths and local.is_dir():
         return _describe(name, local.resolve())
     if allow_hub:
         return _describe(name, name, allow_hub=True)

@@ -55,6 +55,13 @@ class DomainExistsError(LineageError):
     code = "domain_exists"
 
 
+class LineageBusyError(LineageError):
+    """Another process holds the lineage's write lock (e.g. a worker that lost its lease
+    but has not yet reached its next step boundary)."""
+
+    code = "lineage_busy"
+
+
 class Cancelled(DasError):
     """Raised at a step boundary when the caller asked to stop."""
 

@@ -34,7 +34,7 @@ import torch
 from das_engine.bases import load_model, load_tokenizer, resolve_base
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, build_datasets, build_single_split
-from das_engine.errors import Cancelled, DomainExistsError, LineageError
+from das_engine.errors import Cancelled, DomainExistsError, LineageBusyError, LineageError
 from das_engine.evaluate import heldout_loss
 from das_engine.importance import Importance, domain_importance, general_importance
 from das_engine.metrics import summarize
@@ -215,7 +215,7 @@ class Lineage:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise LineageError(f"{self.path} is being trained by another process") from None
+                raise LineageBusyError(f"{self.path} is being trained by another process") from None
             try:
                 yield
             finally:

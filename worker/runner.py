@@ -298,7 +298,7 @@ class _RunContext:
 
     # -- the job -----------------------------------------------------------------------------
     def execute(self) -> str:
-        from das_engine.errors import Cancelled, DasError, DomainExistsError
+        from das_engine.errors import Cancelled, DasError, DomainExistsError, LineageBusyError
 
         try:
             spec = self._load_spec()
@@ -326,13 +326,13 @@ class _RunContext:
             if self.lost.is_set():
                 return "lease_lost"
             return self._finish(JOB_CANCELLED, None, "cancelled at a step boundary")
+        except LineageBusyError:
+            # The lineage is locked by a worker that has lost its lease but not yet noticed
+            # (it stops at its next step). Write nothing: this claim's lease expires and
+            # the sweep sends the job again, to resume once the lock is free.
+            log.warning("job %s: lineage busy; leaving it to the sweep", self.claim.job_id)
+            return "lineage_busy"
         except DasError as exc:
-            if "being trained by another process" in exc.message:
-                # The lineage is locked by a worker that has lost its lease but not yet noticed
-                # (it stops at its next step). Write nothing: this claim's lease expires and
-                # the sweep sends the job again, to resume once the lock is free.
-                log.warning("job %s: lineage busy; leaving it to the sweep", self.claim.job_id)
-                return "lineage_busy"
             return self._fail(exc.code, exc.message)
         except MemoryError:
             return self._fail("out_of_memory", "the job ran out of memory")

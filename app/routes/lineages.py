@@ -95,7 +95,9 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
         ) from exc
     _check_base_model_name(body.base_model, settings.allow_hub)
     try:
-        info = resolve_base(body.base_model, settings.models_dir, allow_hub=settings.allow_hub)
+        info = resolve_base(
+            body.base_model, settings.models_dir, allow_hub=settings.allow_hub, allow_paths=False
+        )
     except DasError as exc:
         raise Problem(
             422,

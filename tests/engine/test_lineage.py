@@ -172,3 +172,27 @@ def test_decoder_lineage_with_das(tmp_path, corpora, tokenizer, arch):
     lin.add_domain(corpora[1], "cooking")
     m = lin.metrics()
     assert all(math.isfinite(x) for row in m["loss_matrix"] for x in row)
+
+
+def test_a_second_writer_gets_lineage_busy(tmp_path, corpora):
+    import fcntl
+
+    from das_engine.errors import LineageBusyError
+
+    lin = Lineage.create(tmp_path / "busy", "tiny-roberta", TINY_CONFIG)
+    with open(lin.path / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another worker would
+        with pytest.raises(LineageBusyError) as err:
+            lin.add_domain(corpora[0], "legal")
+    assert err.value.code == "lineage_busy"
+    assert lin.add_domain(corpora[0], "legal").position == 1  # free again
+
+
+def test_server_mode_refuses_paths_as_base_models(tmp_path):
+    from das_engine.bases import builtin_tiny_dir, resolve_base
+    from das_engine.errors import BaseModelError
+
+    path = str(builtin_tiny_dir())
+    assert resolve_base(path).architecture == "roberta"
+    with pytest.raises(BaseModelError):
+        resolve_base(path, allow_paths=False)

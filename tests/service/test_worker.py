@@ -280,7 +280,7 @@ def test_sweep_finds_lost_messages_and_dead_workers(env):
 
 
 def test_a_lineage_locked_by_a_stale_worker_is_left_to_the_sweep(env, monkeypatch):
-    from das_engine.errors import LineageError
+    from das_engine.errors import LineageBusyError
     from das_engine.lineage import Lineage
 
     settings, app, client, runner, _ = env
@@ -289,7 +289,7 @@ def test_a_lineage_locked_by_a_stale_worker_is_left_to_the_sweep(env, monkeypatc
     job_id = _domain(client, owner, lineage, "news")
 
     def busy(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        raise LineageError(f"{self.path} is being trained by another process")
+        raise LineageBusyError(f"{self.path} is being trained by another process")
 
     monkeypatch.setattr(Lineage, "add_domain", busy)
     assert runner.run(job_id) == "lineage_busy"
