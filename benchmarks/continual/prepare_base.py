@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -106,7 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
             seed=args.seed,
         )
     data = out / "tokenized"
-    if not (data / "train").exists():
+    try:  # reuse the tokenized split of a first round (same tokenizer, same split)
+        if args.init is None:
+            raise FileNotFoundError
+        ChunkStore(data / "train"), ChunkStore(data / "eval")
+    except (FileNotFoundError, OSError, ValueError):
+        shutil.rmtree(data, ignore_errors=True)
         build_single_split(train_txt, tokenizer, data / "train", block_size=args.block_size,
                        objective="mlm", split="train")
         build_single_split(eval_txt, tokenizer, data / "eval", block_size=args.block_size,
