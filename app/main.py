@@ -109,7 +109,7 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         for path, item in schema.get("paths", {}).items():
             for method, op in item.items():
                 responses = op.setdefault("responses", {})
-                codes = ["404", "422", "500"] if path.startswith("/v1") else ["500"]
+                codes = ["404", "422", "500", "503"] if path.startswith("/v1") else ["500"]
                 if path.startswith("/v1"):
                     codes.insert(0, "401")
                 if method == "post":

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("das.api")
@@ -152,6 +153,23 @@ def install_problem_handlers(app: FastAPI) -> None:
             "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request",
             instance=request.url.path,
             errors=errors,
+        )
+
+    @app.exception_handler(OperationalError)
+    async def _database(request: Request, exc: OperationalError) -> JSONResponse:
+        # a dropped connection, a database restart, a lock time-out: worth a retry
+        log.warning(
+            "database unavailable on %s %s: %s",
+            request.method,
+            request.url.path,
+            type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+        )
+        return problem_response(
+            503,
+            "database_unavailable",
+            "the database is unavailable for a moment; retry the request",
+            instance=request.url.path,
+            headers={"Retry-After": "1"},
         )
 
     @app.exception_handler(Exception)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import OperationalError
@@ -54,6 +54,8 @@ from app.storage import resolve_stored, stored_path
 
 log = logging.getLogger("das.worker")
 
+T = TypeVar("T")
+
 # Share of the job's progress bar given to each phase (the bar only moves forward).
 PHASE_SPAN = {"importance": (0.0, 0.1), "training": (0.1, 0.9), "evaluating": (0.9, 1.0)}
 
@@ -73,6 +75,26 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+DB_ATTEMPTS = 6
+DB_BACKOFF_SECONDS = 0.5
+
+
+def with_db_retry(step: Callable[[], T], what: str, attempts: int = DB_ATTEMPTS) -> T:
+    """Run one database step (a whole transaction) again when the database blinked: a
+    dropped connection, a server restart, a lock time-out (``OperationalError``). The pool
+    pings connections before use (``pool_pre_ping``), so a retry runs on a fresh one.
+    Back-off 0.5, 1, 2, 4, 8 s: about 15 s of outage survived; then the error propagates."""
+    for attempt in range(attempts):
+        try:
+            return step()
+        except OperationalError:
+            if attempt == attempts - 1:
+                raise
+            log.warning("%s: database error; retrying", what, exc_info=True)
+            time.sleep(min(DB_BACKOFF_SECONDS * 2**attempt, 8.0))
+    raise AssertionError("unreachable")
+
+
 class JobRunner:
     def __init__(
         self,
@@ -89,6 +111,9 @@ class JobRunner:
     # -- claim ---------------------------------------------------------------------------
     def claim(self, job_id: int) -> Claim | str:
         """The claim, or why the message is ignored."""
+        return with_db_retry(lambda: self._claim(job_id), f"job {job_id}: claim")
+
+    def _claim(self, job_id: int) -> Claim | str:
         now = utcnow()
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         token = secrets.token_hex(16)
@@ -150,18 +175,28 @@ class JobRunner:
         finally:
             context.stop_heartbeat()
         log.info("job %s: %s", job_id, outcome)
-        if outcome == JOB_SUCCEEDED:
+        if context.lineage_id:
+            # After a success; also after a lost lease, which may hide a success whose commit
+            # was acknowledged by a dying connection. Sends nothing unless the lineage's
+            # first unfinished stage is queued.
             self.enqueue_next(context.lineage_id)
         return outcome
 
     def enqueue_next(self, lineage_id: int) -> None:
-        with self.factory() as session, session.begin():
-            job = next_runnable_job(session, lineage_id)
-            job_id = job.id if job is not None else None
+        def next_job() -> int | None:
+            with self.factory() as session, session.begin():
+                job = next_runnable_job(session, lineage_id)
+                return job.id if job is not None else None
+
+        job_id = with_db_retry(next_job, f"lineage {lineage_id}: next stage")
         if job_id is not None:
             sent = self.enqueue([job_id])
-            with self.factory() as session, session.begin():
-                mark_enqueued(session, sent)
+
+            def mark() -> None:
+                with self.factory() as session, session.begin():
+                    mark_enqueued(session, sent)
+
+            with_db_retry(mark, f"job {job_id}: mark sent")
 
 
 class _RunContext:
@@ -301,7 +336,7 @@ class _RunContext:
         from das_engine.errors import Cancelled, DasError, DomainExistsError, LineageBusyError
 
         try:
-            spec = self._load_spec()
+            spec = with_db_retry(self._load_spec, f"job {self.claim.job_id}: load")
             self.lineage_id = spec.lineage_id
             lineage = self._open_lineage(spec)
             try:
@@ -363,17 +398,16 @@ class _RunContext:
         return status
 
     def _finish(self, status: str, error: dict | None, message: str) -> str:
-        for attempt in range(5):
-            try:
-                with self.factory() as session, session.begin():
-                    job = self._owned_job(session)
-                    finish_job(session, job, status, error=error, message=message)
-                return status
-            except LeaseLost:
-                return "lease_lost"
-            except OperationalError:
-                time.sleep(2**attempt)
-        raise RuntimeError(f"job {self.claim.job_id}: could not record its end state")
+        def record() -> str:
+            with self.factory() as session, session.begin():
+                job = self._owned_job(session)
+                finish_job(session, job, status, error=error, message=message)
+            return status
+
+        try:
+            return with_db_retry(record, f"job {self.claim.job_id}: record {status}")
+        except LeaseLost:
+            return "lease_lost"
 
     # -- inputs --------------------------------------------------------------------------------
     def _load_spec(self) -> _Spec:
@@ -412,14 +446,18 @@ class _RunContext:
         # Not created yet, or a creation that crashed half-way: start it afresh.
         shutil.rmtree(path, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self.factory() as session, session.begin():
-            self._guarded(session)
-            add_event(
-                session,
-                self.claim.job_id,
-                "preparing",
-                f"creating the lineage on {spec.base_model}",
-            )
+
+        def announce() -> None:
+            with self.factory() as session, session.begin():
+                self._guarded(session)
+                add_event(
+                    session,
+                    self.claim.job_id,
+                    "preparing",
+                    f"creating the lineage on {spec.base_model}",
+                )
+
+        with_db_retry(announce, f"job {self.claim.job_id}: preparing")
         return EngineLineage.create(
             path,
             spec.base_model,
@@ -433,54 +471,52 @@ class _RunContext:
     def _record_success(self, lineage: Any, result: Any) -> None:
         metrics = lineage.metrics()
         snapshots = _importance_files(lineage, result)
-        for attempt in range(5):
-            try:
-                with self.factory() as session, session.begin():
-                    job = self._owned_job(session)
-                    stage = session.get(Stage, job.stage_id)
-                    assert stage is not None
-                    stage.engine_position = result.position
-                    stage.steps = result.steps
-                    stage.trained_tokens = result.trained_tokens
+
+        def record() -> None:
+            with self.factory() as session, session.begin():
+                job = self._owned_job(session)
+                stage = session.get(Stage, job.stage_id)
+                assert stage is not None
+                stage.engine_position = result.position
+                stage.steps = result.steps
+                stage.trained_tokens = result.trained_tokens
+                session.add(
+                    Checkpoint(
+                        stage_id=stage.id,
+                        path=stored_path(self.settings, Path(result.model_dir)),
+                        step=result.steps,
+                        final=True,
+                    )
+                )
+                for kind, path, stats in snapshots:
                     session.add(
-                        Checkpoint(
+                        ImportanceSnapshot(
                             stage_id=stage.id,
-                            path=stored_path(self.settings, Path(result.model_dir)),
-                            step=result.steps,
-                            final=True,
+                            kind=kind,
+                            path=stored_path(self.settings, path),
+                            stats=stats,
                         )
                     )
-                    for kind, path, stats in snapshots:
-                        session.add(
-                            ImportanceSnapshot(
-                                stage_id=stage.id,
-                                kind=kind,
-                                path=stored_path(self.settings, path),
-                                stats=stats,
-                            )
-                        )
-                    _store_eval_scores(session, job.lineage_id, stage, metrics)
-                    job.progress = 1.0
-                    job.trained_tokens = result.trained_tokens
-                    job.step = job.total_steps = result.steps
-                    finish_job(
-                        session,
-                        job,
-                        JOB_SUCCEEDED,
-                        message=f"stage {stage.position} ({stage.name}) trained: "
-                        f"{result.steps} steps, {result.trained_tokens} tokens",
-                    )
-                    add_event(
-                        session,
-                        job.id,
-                        "result",
-                        "stage result",
-                        data=_json_safe(result.to_dict()),
-                    )
-                return
-            except OperationalError:
-                time.sleep(2**attempt)
-        raise RuntimeError(f"job {self.claim.job_id}: could not record its result")
+                _store_eval_scores(session, job.lineage_id, stage, metrics)
+                job.progress = 1.0
+                job.trained_tokens = result.trained_tokens
+                job.step = job.total_steps = result.steps
+                finish_job(
+                    session,
+                    job,
+                    JOB_SUCCEEDED,
+                    message=f"stage {stage.position} ({stage.name}) trained: "
+                    f"{result.steps} steps, {result.trained_tokens} tokens",
+                )
+                add_event(
+                    session,
+                    job.id,
+                    "result",
+                    "stage result",
+                    data=_json_safe(result.to_dict()),
+                )
+
+        with_db_retry(record, f"job {self.claim.job_id}: record the result")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,19 @@ def create_lineage(client: TestClient, owner: Owner, **body):  # noqa: ANN201
     return client.post("/v1/lineages", headers=owner.headers, json=payload)
 
 
+def add_domain(client: TestClient, owner: Owner, lineage_id: int, domain: str, name=None) -> int:  # noqa: ANN001
+    """Upload ``domain``'s corpus (see :func:`corpus_text`) and add it to the lineage as
+    ``name`` (default: the domain); returns the job id."""
+    corpus = upload(client, owner, f"{domain}.txt", corpus_text(domain)).json()["id"]
+    r = client.post(
+        f"/v1/lineages/{lineage_id}/domains",
+        headers=owner.headers,
+        json={"corpus_id": corpus, "name": name or domain},
+    )
+    assert r.status_code == 202, r.text
+    return r.json()["job"]["id"]
+
+
 def assert_problem(response, status: int, code: str | None = None) -> dict:  # noqa: ANN001
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
@@ -247,6 +261,8 @@ def service_env(settings: Settings) -> dict[str, str]:
             "DAS_LEASE_SECONDS": str(settings.lease_seconds),
             "DAS_EVENT_EVERY_STEPS": str(settings.event_every_steps),
             "DAS_SWEEP_INTERVAL_SECONDS": str(settings.sweep_interval_seconds),
+            "DAS_SWEEP_STALE_SECONDS": str(settings.sweep_stale_seconds),
+            "DAS_PROGRESS_INTERVAL_SECONDS": str(settings.progress_interval_seconds),
             "DAS_CELERY_QUEUE": settings.celery_queue,
             "DAS_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
             "PYTHONPATH": str(REPO),
@@ -302,6 +318,34 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+@contextmanager
+def service_stack(
+    data: Path, database_url: str, broker_url: str, queue: str, **overrides
+) -> Iterator[tuple[Settings, object, TestClient, WorkerProcess]]:
+    """Migrations on the database, an API (in-process, its real broker dispatcher) and one
+    real worker process reading ``queue``; ``overrides`` are more settings."""
+    options = {
+        "database_url": database_url,
+        "celery_broker_url": broker_url,
+        "celery_queue": queue,
+        "lease_seconds": 15,
+        "event_every_steps": 1,
+        "sweep_interval_seconds": 5,
+    }
+    options.update(overrides)
+    settings = make_settings(data, **options)
+    upgrade(settings)
+    app = create_app(settings)
+    worker = WorkerProcess(settings, data / "worker.log")
+    try:
+        worker.wait_ready()
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield settings, app, client, worker
+    finally:
+        worker.stop()
+        app.state.engine.dispose()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):  # noqa: ANN001, ANN201

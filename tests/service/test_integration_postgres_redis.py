@@ -13,14 +13,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.migrate import upgrade
 from tests.service.conftest import (
     TINY_HP,
     WorkerProcess,
     corpus_text,
     load_checkpoint_in_subprocess,
-    make_settings,
     new_owner,
+    service_stack,
     upload,
     wait_for,
 )
@@ -31,25 +30,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 @pytest.fixture(scope="module")
 def stack(postgres_url, redis_url, tmp_path_factory):  # noqa: ANN201
     data = tmp_path_factory.mktemp("pg-stack")
-    settings = make_settings(
-        data,
-        database_url=postgres_url,
-        celery_broker_url=redis_url,
-        celery_queue="das-test",
-        lease_seconds=15,
-        event_every_steps=1,
-        sweep_interval_seconds=5,
-    )
-    upgrade(settings)
-    app = create_app(settings)
-    worker = WorkerProcess(settings, data / "worker.log")
-    try:
-        worker.wait_ready()
-        with TestClient(app, raise_server_exceptions=False) as client:
-            yield settings, app, client, worker
-    finally:
-        worker.stop()
-        app.state.engine.dispose()
+    with service_stack(data, postgres_url, redis_url, "das-test") as stack:
+        yield stack
 
 
 def _job(client, owner, job_id):  # noqa: ANN001, ANN202

@@ -21,12 +21,11 @@ from app.migrate import upgrade
 from app.models import Job, JobEvent, utcnow
 from tests.service.conftest import (
     EnqueueRecorder,
+    add_domain,
     assert_problem,
-    corpus_text,
     create_lineage,
     make_settings,
     new_owner,
-    upload,
     wait_for,
 )
 from worker.runner import JobRunner
@@ -43,17 +42,6 @@ def env(tmp_path_factory):  # noqa: ANN201
         yield settings, app, client, runner, recorder
 
 
-def _domain(client, owner, lineage_id, domain, name=None):  # noqa: ANN001, ANN202
-    corpus = upload(client, owner, f"{domain}.txt", corpus_text(domain)).json()["id"]
-    r = client.post(
-        f"/v1/lineages/{lineage_id}/domains",
-        headers=owner.headers,
-        json={"corpus_id": corpus, "name": name or domain},
-    )
-    assert r.status_code == 202, r.text
-    return r.json()["job"]["id"]
-
-
 def _events(app, job_id):  # noqa: ANN001, ANN202
     with app.state.session_factory() as session:
         return session.scalars(
@@ -67,8 +55,8 @@ def trained(env):  # noqa: ANN201
     settings, app, client, runner, recorder = env
     owner = new_owner(app)
     lineage = create_lineage(client, owner).json()["id"]
-    first = _domain(client, owner, lineage, "news")
-    second = _domain(client, owner, lineage, "law")
+    first = add_domain(client, owner, lineage, "news")
+    second = add_domain(client, owner, lineage, "law")
     assert runner.run(second) == "blocked"  # stage 1 has not run yet
     assert runner.run(first) == "succeeded"
     assert recorder.sent[-1] == second  # the next stage was sent when stage 1 succeeded
@@ -152,7 +140,7 @@ def test_a_live_lease_is_not_taken_but_an_expired_one_is_resumed(env):
     settings, app, client, runner, _ = env
     owner = new_owner(app)
     lineage = create_lineage(client, owner).json()["id"]
-    job_id = _domain(client, owner, lineage, "bio")
+    job_id = add_domain(client, owner, lineage, "bio")
     factory = app.state.session_factory
     with factory() as session, session.begin():
         job = session.get(Job, job_id)
@@ -179,7 +167,7 @@ def test_cancel_mid_training(env):
         "checkpoint_every": 5,
     }
     lineage = create_lineage(client, owner, hyperparameters=hp).json()["id"]
-    job_id = _domain(client, owner, lineage, "news")
+    job_id = add_domain(client, owner, lineage, "news")
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(runner.run(job_id)))
     thread.start()
@@ -216,8 +204,8 @@ def test_failures_become_error_codes(env, monkeypatch, exc, code):
     settings, app, client, runner, _ = env
     owner = new_owner(app)
     lineage = create_lineage(client, owner).json()["id"]
-    first = _domain(client, owner, lineage, "news")
-    second = _domain(client, owner, lineage, "law")
+    first = add_domain(client, owner, lineage, "news")
+    second = add_domain(client, owner, lineage, "law")
 
     def explode(self, *args, progress=None, **kwargs):  # noqa: ANN001, ANN202
         from das_engine.trainer import ProgressEvent
@@ -240,7 +228,7 @@ def test_engine_errors_keep_their_code(env):
     settings, app, client, runner, _ = env
     owner = new_owner(app)
     lineage = create_lineage(client, owner).json()["id"]
-    job_id = _domain(client, owner, lineage, "news")
+    job_id = add_domain(client, owner, lineage, "news")
     stage = client.get(f"/v1/lineages/{lineage}", headers=owner.headers).json()["stages"][0]
     from app.models import Corpus
 
@@ -260,10 +248,10 @@ def test_sweep_finds_lost_messages_and_dead_workers(env):
     settings, app, client, runner, _ = env
     owner = new_owner(app)
     lineage = create_lineage(client, owner).json()["id"]
-    queued = _domain(client, owner, lineage, "news")
-    waiting = _domain(client, owner, lineage, "law")
+    queued = add_domain(client, owner, lineage, "news")
+    waiting = add_domain(client, owner, lineage, "law")
     other = create_lineage(client, owner).json()["id"]
-    dead = _domain(client, owner, other, "bio")
+    dead = add_domain(client, owner, other, "bio")
     factory = app.state.session_factory
     with factory() as session, session.begin():
         job = session.get(Job, dead)
@@ -286,7 +274,7 @@ def test_a_lineage_locked_by_a_stale_worker_is_left_to_the_sweep(env, monkeypatc
     settings, app, client, runner, _ = env
     owner = new_owner(app)
     lineage = create_lineage(client, owner).json()["id"]
-    job_id = _domain(client, owner, lineage, "news")
+    job_id = add_domain(client, owner, lineage, "news")
 
     def busy(self, *args, **kwargs):  # noqa: ANN001, ANN202
         raise LineageBusyError(f"{self.path} is being trained by another process")
