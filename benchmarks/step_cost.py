@@ -11,10 +11,11 @@ time of each is compared. Prints seconds/step, tokens/s, peak memory and the rat
 from __future__ import annotations
 
 import argparse
-import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,33 +31,32 @@ from das_engine.trainer import Trainer, select_device
 from das_engine.units import build_unit_map
 
 
-class PeakRSS:
-    """Samples the process's resident memory while a block runs (CPU peak memory)."""
+def peak_memory_cpu(name: str, args) -> int:
+    """Peak resident memory of a fresh process that runs ``name`` alone (bytes).
 
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * self._page
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self.base = self._rss()
-        self.peak = self.base
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+    In-process RSS deltas are meaningless once the allocator has grown for the other
+    strategy, so each strategy's peak is taken in its own process.
+    """
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-probe",
+        name,
+        "--hidden",
+        str(args.hidden),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--seq",
+        str(args.seq),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        "2",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def run_strategy(name, args, store, tokenizer, device, importance) -> tuple[float, float, int]:
@@ -85,13 +85,12 @@ def run_strategy(name, args, store, tokenizer, device, importance) -> tuple[floa
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            summary = trainer.run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak - mem.base
+        t0 = time.perf_counter()
+        summary = trainer.run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     return seconds / args.steps, summary.trained_tokens / seconds, peak
 
 
@@ -104,6 +103,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--memory-probe", choices=["ncl", "das"], help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.manual_seed(0)
     device = select_device()
@@ -124,6 +124,10 @@ def main() -> None:
         )
         shapes = build_unit_map(probe).shapes()
         importance = Importance({k: torch.rand(s, generator=g) for k, s in shapes.items()})
+        if args.memory_probe:  # child process: run one strategy, print peak RSS in bytes
+            run_strategy(args.memory_probe, args, store, tokenizer, device, importance)
+            print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            return
         results: dict[str, list[tuple[float, float, int]]] = {"ncl": [], "das": []}
         run_strategy("ncl", args, store, tokenizer, device, importance)  # warm-up
         for _ in range(args.rounds):
@@ -138,7 +142,7 @@ def main() -> None:
     for name, runs in results.items():
         step = statistics.median(r[0] for r in runs)
         tps = statistics.median(r[1] for r in runs)
-        peak = max(r[2] for r in runs)
+        peak = max(r[2] for r in runs) if device.type == "cuda" else peak_memory_cpu(name, args)
         med[name] = step
         print(
             f"{name:>4}: {step * 1000:8.1f} ms/step  {tps:9.0f} tokens/s  "
