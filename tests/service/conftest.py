@@ -188,6 +188,25 @@ def assert_problem(response, status: int, code: str | None = None) -> dict:  # n
     return body
 
 
+@contextmanager
+def in_process_runner(data: Path, **overrides) -> Iterator[tuple]:
+    """(settings, app, client, runner, recorder): the API on SQLite and the worker's
+    ``JobRunner`` in this process (``runner.run(job_id)`` trains with the real engine); the
+    recorder stands in for the broker."""
+    from worker.runner import JobRunner
+
+    settings = make_settings(data, **{"event_every_steps": 1, **overrides})
+    upgrade(settings)
+    recorder = EnqueueRecorder()
+    app = create_app(settings, enqueue=recorder, broker_ping=lambda: None)
+    runner = JobRunner(settings, app.state.session_factory, recorder, worker_id="test-worker")
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield settings, app, client, runner, recorder
+    finally:
+        app.state.engine.dispose()
+
+
 # -- real services -------------------------------------------------------------------------------
 
 

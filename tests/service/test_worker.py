@@ -13,33 +13,24 @@ import time
 from datetime import timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.main import create_app
-from app.migrate import upgrade
 from app.models import Job, JobEvent, utcnow
 from tests.service.conftest import (
     EnqueueRecorder,
     add_domain,
     assert_problem,
     create_lineage,
-    make_settings,
+    in_process_runner,
     new_owner,
     wait_for,
 )
-from worker.runner import JobRunner
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):  # noqa: ANN201
-    settings = make_settings(tmp_path_factory.mktemp("worker"), event_every_steps=1)
-    upgrade(settings)
-    recorder = EnqueueRecorder()
-    app = create_app(settings, enqueue=recorder, broker_ping=lambda: None)
-    runner = JobRunner(settings, app.state.session_factory, recorder, worker_id="test-worker")
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield settings, app, client, runner, recorder
+    with in_process_runner(tmp_path_factory.mktemp("worker")) as env:
+        yield env
 
 
 def _events(app, job_id):  # noqa: ANN001, ANN202
