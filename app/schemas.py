@@ -7,7 +7,11 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from das_engine.config import STRATEGIES
+
 T = TypeVar("T")
+# every strategy the engine ships (das, ncl, one and the paper's baselines)
+StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
 
 DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -67,7 +71,7 @@ class LineageCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=200)
     base_model: str = Field(min_length=1, max_length=500)
-    strategy: Literal["das", "ncl", "one"] = "das"
+    strategy: StrategyName = "das"
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     general_corpus_id: int | None = None
 
