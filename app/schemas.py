@@ -67,7 +67,19 @@ class CorpusOut(BaseModel):
 
 
 class LineageCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "demo",
+                    "base_model": "tiny-roberta",
+                    "strategy": "das",
+                    "hyperparameters": {"max_steps": 20, "batch_size": 8, "block_size": 32},
+                }
+            ]
+        },
+    )
 
     name: str = Field(min_length=1, max_length=200)
     base_model: str = Field(min_length=1, max_length=500)
@@ -134,7 +146,9 @@ class LineageOut(BaseModel):
 
 
 class DomainCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"corpus_id": 1, "name": "news"}]}
+    )
 
     corpus_id: int
     name: str = Field(pattern=DOMAIN_NAME_PATTERN)
