@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.auth import Principal, authenticate
+from app.base_files import model_files_problem
 from app.problems import problem_response
 from app.schemas import BaseModelOut, Health, Page
 
@@ -73,6 +75,7 @@ def base_models(request: Request, _: Principal = Depends(authenticate)) -> Page[
                     parameters=b.parameters,
                 )
                 for b in list_offline_bases(models_dir)
+                if b.path is None or model_files_problem(Path(b.path)) is None
             ]
             cached = (time.monotonic(), bases)
             _bases_cache[key] = cached

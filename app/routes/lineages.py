@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.archives import TarPlan, parse_range
 from app.auth import Principal, authenticate, get_session
+from app.base_files import model_files_problem
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.idempotency import IdempotencyScope, request_hash
 from app.lifecycle import add_event, is_runnable, mark_enqueued
@@ -67,6 +68,13 @@ def _check_base_model_name(name: str, allow_hub: bool) -> None:
         )
 
 
+def _hide_models_dir(settings: Settings, message: str) -> str:
+    """The server's folders are nobody's business: name them as the configuration does."""
+    if settings.models_dir is not None:
+        message = message.replace(str(settings.models_dir), "$DAS_MODELS_DIR")
+    return message
+
+
 def build_lineage(settings: Settings, session: Session, owner: str, body: LineageCreate) -> Lineage:
     from das_engine.bases import resolve_base
     from das_engine.config import TrainingConfig
@@ -81,6 +89,14 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
             errors=[{"field": "hyperparameters.strategy", "message": "must equal strategy"}],
         )
     hyper.pop("strategy", None)
+    if hyper.get("device", "auto") != "auto":
+        raise Problem(
+            422,
+            "invalid_hyperparameters",
+            "hyperparameters.device is chosen by the server (each worker trains on its own "
+            "accelerator); leave it out or set it to 'auto'",
+            errors=[{"field": "hyperparameters.device", "message": "must be 'auto'"}],
+        )
     try:
         TrainingConfig.from_dict({**hyper, "strategy": body.strategy})
     except DasError as exc:
@@ -99,12 +115,20 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
             body.base_model, settings.models_dir, allow_hub=settings.allow_hub, allow_paths=False
         )
     except DasError as exc:
+        message = _hide_models_dir(settings, exc.message)
+        raise Problem(
+            422, exc.code, message, errors=[{"field": "base_model", "message": message}]
+        ) from exc
+    local = info.path and str(info.path) != body.base_model and Path(info.path).is_dir()
+    problem = model_files_problem(Path(info.path)) if local else None
+    if problem is not None:
+        message = f"base model {body.base_model!r} cannot be loaded: {problem}"
         raise Problem(
             422,
-            exc.code,
-            exc.message,
-            errors=[{"field": "base_model", "message": exc.message}],
-        ) from exc
+            "base_model_unloadable",
+            message,
+            errors=[{"field": "base_model", "message": message}],
+        )
     if body.general_corpus_id is not None:
         owned_corpus(session, body.general_corpus_id, owner)
     lineage = Lineage(
