@@ -338,7 +338,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, setup: dict, variants, runs: list[dict]) -> dict:
+def write_report(out: Path, setup: dict, variants, runs: list[dict], draw: bool = True) -> dict:
     strategies = aggregate(runs)
     order = [v.name for v in variants if v.name in strategies]
     strategies = {n: strategies[n] for n in order}
@@ -350,7 +350,8 @@ def write_report(out: Path, setup: dict, variants, runs: list[dict]) -> dict:
     out = Path(out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
-    plots(results, out)
+    if draw:
+        plots(results, out)
     return results
 
 

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         else None
     )
     setup = {
-        "command": "python -m benchmarks.continual.run " + " ".join(argv or []),
+        "command": "python -m benchmarks.continual.run "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "base": base_info.to_dict(),
         "domains": domains,
         "general": general,
@@ -273,12 +275,18 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     runs: list[dict] = []
 
+    last_draw = [0.0]
+
     def record(m: dict) -> dict:
         runs.append(m)
         setup["wall_s"] = time.perf_counter() - started
         print(f"[{len(runs)}/{len(jobs)}] {m['variant']} seed {m['seed']}: "
               f"FR {m['forgetting_rate']} wall {m['wall_s']:.0f}s", flush=True)
-        return write_report(out, setup, variants, runs)
+        # plots at most once a minute while running (resumed runs come back at once)
+        draw = len(runs) == len(jobs) or time.perf_counter() - last_draw[0] > 60
+        if draw:
+            last_draw[0] = time.perf_counter()
+        return write_report(out, setup, variants, runs, draw=draw)
 
     results: dict = {}
     if args.jobs <= 1:
