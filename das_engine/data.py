@@ -347,7 +347,7 @@ def build_datasets(
             f"{Path(corpus).name}: too little text: it must fill at least two chunks of "
             f"{block_size} tokens (one to train on, one to evaluate)"
         )
-    k = max(2, round(1 / eval_fraction))
+    k = min(max(2, round(1 / eval_fraction)), len(rows))  # every split gets >= 1 chunk
     picked = {"eval": rows[k - 1 :: k], "train": [r for j, r in enumerate(rows) if (j + 1) % k]}
     for split, split_rows in picked.items():
         writers[split] = write_rows(split_rows, out_dir / split)

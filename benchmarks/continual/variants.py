@@ -21,7 +21,10 @@ class Variant:
     note: str = ""
 
     def config(self, common: dict, seed: int) -> dict:
-        cfg = {**common, **self.overrides, "strategy": self.strategy, "seed": seed}
+        # DAS variants pin the paper's lambda = 1 unless they say otherwise, so results do
+        # not move when the engine's default changes
+        paper = {"contrast_weight": 1.0} if self.strategy == "das" else {}
+        cfg = {**paper, **common, **self.overrides, "strategy": self.strategy, "seed": seed}
         cfg["learning_rate"] = common.get("learning_rate", 1e-4) * self.lr_scale
         return cfg
 
@@ -47,47 +50,103 @@ KNOWN: dict[str, Variant] = {
     for v in (
         *(_ncl(s) for s in NCL_LR_SWEEP),
         Variant("one", "one", note="each domain trained from the base"),
-        Variant("das", "das", {"mask_mode": "update", "normalization": "paper"},
-                note="DAS, update masking, paper normalisation |tanh(z)|"),
-        Variant("das_permuted", "das",
-                {"mask_mode": "update", "normalization": "paper", "importance_control": "permuted"},
-                note="control: das with importance shuffled onto random units"),
-        Variant("das_gradient", "das", {"mask_mode": "gradient", "normalization": "paper"},
-                note="DAS, gradient masking (the paper's rule)"),
-        Variant("das_one_sided", "das", {"mask_mode": "update", "normalization": "one_sided"},
-                note="DAS, update masking, tanh(max(z, 0))"),
-        Variant("das_one_sided_permuted", "das",
-                {"mask_mode": "update", "normalization": "one_sided",
-                 "importance_control": "permuted"},
-                note="control for das_one_sided"),
-        Variant("das_rank", "das", {"mask_mode": "update", "normalization": "rank"},
-                note="DAS, update masking, rank quantile"),
-        Variant("das_rank_permuted", "das",
-                {"mask_mode": "update", "normalization": "rank", "importance_control": "permuted"},
-                note="control for das_rank"),
-        Variant("das_freeze_emb", "das",
-                {"mask_mode": "update", "normalization": "paper", "freeze_embeddings": True},
-                note="DAS with the word embeddings (tied to the LM head) frozen"),
-        Variant("das_freeze_emb_ln", "das",
-                {"mask_mode": "update", "normalization": "paper", "freeze_embeddings": True,
-                 "freeze_layernorm": True},
-                note="DAS with embeddings and LayerNorms frozen"),
-        Variant("das_no_contrast", "das",
-                {"mask_mode": "update", "normalization": "paper", "contrast_weight": 0.0},
-                note="DAS soft-masking only (lambda = 0)"),
-        Variant("das_no_contrast_permuted", "das",
-                {"mask_mode": "update", "normalization": "paper", "contrast_weight": 0.0,
-                 "importance_control": "permuted"},
-                note="control for das_no_contrast"),
-        Variant("ncl_freeze_emb", "ncl", {"freeze_embeddings": True},
-                note="NCL with the word embeddings frozen"),
+        Variant(
+            "das",
+            "das",
+            {"mask_mode": "update", "normalization": "paper"},
+            note="DAS, update masking, paper normalisation |tanh(z)|",
+        ),
+        Variant(
+            "das_permuted",
+            "das",
+            {"mask_mode": "update", "normalization": "paper", "importance_control": "permuted"},
+            note="control: das with importance shuffled onto random units",
+        ),
+        Variant(
+            "das_gradient",
+            "das",
+            {"mask_mode": "gradient", "normalization": "paper"},
+            note="DAS, gradient masking (the paper's rule)",
+        ),
+        Variant(
+            "das_one_sided",
+            "das",
+            {"mask_mode": "update", "normalization": "one_sided"},
+            note="DAS, update masking, tanh(max(z, 0))",
+        ),
+        Variant(
+            "das_one_sided_permuted",
+            "das",
+            {"mask_mode": "update", "normalization": "one_sided", "importance_control": "permuted"},
+            note="control for das_one_sided",
+        ),
+        Variant(
+            "das_rank",
+            "das",
+            {"mask_mode": "update", "normalization": "rank"},
+            note="DAS, update masking, rank quantile",
+        ),
+        Variant(
+            "das_rank_permuted",
+            "das",
+            {"mask_mode": "update", "normalization": "rank", "importance_control": "permuted"},
+            note="control for das_rank",
+        ),
+        Variant(
+            "das_freeze_emb",
+            "das",
+            {"mask_mode": "update", "normalization": "paper", "freeze_embeddings": True},
+            note="DAS with the word embeddings (tied to the LM head) frozen",
+        ),
+        Variant(
+            "das_freeze_emb_ln",
+            "das",
+            {
+                "mask_mode": "update",
+                "normalization": "paper",
+                "freeze_embeddings": True,
+                "freeze_layernorm": True,
+            },
+            note="DAS with embeddings and LayerNorms frozen",
+        ),
+        Variant(
+            "das_no_contrast",
+            "das",
+            {"mask_mode": "update", "normalization": "paper", "contrast_weight": 0.0},
+            note="DAS soft-masking only (lambda = 0)",
+        ),
+        Variant(
+            "das_no_contrast_permuted",
+            "das",
+            {
+                "mask_mode": "update",
+                "normalization": "paper",
+                "contrast_weight": 0.0,
+                "importance_control": "permuted",
+            },
+            note="control for das_no_contrast",
+        ),
+        Variant(
+            "ncl_freeze_emb",
+            "ncl",
+            {"freeze_embeddings": True},
+            note="NCL with the word embeddings frozen",
+        ),
         Variant("kd", "kd", note="distil the previous stage's last hidden states"),
-        Variant("ewc", "ewc", {"ewc_lambda": 500.0},
-                note="online EWC, diagonal Fisher; lambda 500: the penalty at NCL's drift after"
-                " 48 steps is ~0.5 nats on the benchmark base"),
+        Variant(
+            "ewc",
+            "ewc",
+            {"ewc_lambda": 500.0},
+            note="online EWC, diagonal Fisher; lambda 500: the penalty at NCL's drift after"
+            " 48 steps is ~0.5 nats on the benchmark base",
+        ),
         Variant("replay", "replay", note="DER++-style replay of stored chunk ids + outputs"),
-        Variant("adapter", "adapter", lr_scale=10.0,
-                note="Adapter-ONE: per-domain LoRA on a frozen backbone (learning rate x10)"),
+        Variant(
+            "adapter",
+            "adapter",
+            lr_scale=10.0,
+            note="Adapter-ONE: per-domain LoRA on a frozen backbone (learning rate x10)",
+        ),
     )
 }
 

@@ -79,6 +79,7 @@ def write_corpus(path: Path, text: str, docs: int = 40) -> Path:
 
 
 TINY_CONFIG = {
+    "contrast_weight": 1.0,  # the paper's full DAS objective, so lineage tests exercise it
     "max_steps": 4,
     "batch_size": 4,
     "block_size": 32,

@@ -40,7 +40,7 @@ def test_info_nce_is_lowest_when_positive_matches_the_anchor():
 def _das(tokenizer, model):
     um = build_unit_map(model)
     imp = Importance({k: torch.full(s, 0.5) for k, s in um.shapes().items()})
-    das = DAS(TrainingConfig())
+    das = DAS(TrainingConfig(contrast_weight=1.0))
     das.prepare(StageContext(model, um, das.config, imp))
     return das
 

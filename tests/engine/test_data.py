@@ -114,3 +114,14 @@ def test_tokenizer_round_trip_encodes_real_tokens(tokenizer, tmp_path):
     again = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert again("The licensee shall distribute copies.")["input_ids"] == ids
     assert again.decode(ids, skip_special_tokens=True) == "The licensee shall distribute copies."
+
+
+def test_a_few_chunks_still_give_both_splits(tmp_path, tokenizer):
+    """With 2-19 chunks and eval_fraction 0.05, 'every 20th chunk' would hold out none."""
+    path = tmp_path / "short.txt"
+    path.write_text(LEGAL * 2 + "\n")  # one document of a few chunks
+    counts = build_datasets(
+        path, tokenizer, tmp_path / "o", block_size=32, objective="mlm", eval_fraction=0.05, seed=0
+    )
+    assert 2 <= counts["train_chunks"] + counts["eval_chunks"] < 20
+    assert counts["eval_chunks"] >= 1 and counts["train_chunks"] >= 1
