@@ -11,7 +11,6 @@ time of each is compared. Prints seconds/step, tokens/s, peak memory and the rat
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -130,7 +129,9 @@ def main() -> None:
         importance = Importance({k: torch.rand(s, generator=g) for k, s in shapes.items()})
         if args.memory_probe:  # child process: run one strategy, print peak RSS in bytes
             run_strategy(args.memory_probe, args, store, tokenizer, device, importance)
-            print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec
+            status = Path("/proc/self/status").read_text()
+            print(int(status.split("VmHWM:")[1].split()[0]) * 1024)
             return
         results: dict[str, list[tuple[float, float, int]]] = {"ncl": [], "das": [], "das0": []}
         run_strategy("ncl", args, store, tokenizer, device, importance)  # warm-up
