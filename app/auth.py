@@ -58,8 +58,15 @@ def _unauthorized(detail: str) -> Problem:
     return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def get_session(request: Request):  # noqa: ANN201 - a FastAPI generator dependency
-    session: Session = request.app.state.session_factory()
+async def get_session(request: Request):  # noqa: ANN201 - a FastAPI generator dependency
+    """A read-only session for the request (the GET routes); writes open their own.
+
+    ``async`` on purpose: a sync generator dependency is closed in the thread pool, and under
+    load every pool thread can be waiting for a database connection while the connections
+    wait for a thread to close their sessions -- a deadlock (found by
+    benchmarks/load_status.py). Closing here, on the event loop, only returns the connection
+    to the pool (a rollback of a read)."""
+    session: Session = request.app.state.read_session_factory()
     try:
         yield session
     finally:
@@ -75,7 +82,7 @@ def authenticate(request: Request) -> Principal:
         raise _unauthorized("missing Authorization header (expected 'Bearer <api key>')")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("the Authorization header must be 'Bearer <api key>'")
-    with request.app.state.session_factory() as session:
+    with request.app.state.read_session_factory() as session:
         api_key = verify_api_key(session, token.strip())
         if api_key is None:
             raise _unauthorized("invalid API key")

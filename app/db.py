@@ -10,6 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
 
+READ_ONLY = "das_read_only"  # execution option of the read-only sessions
+
 
 def make_engine(settings: Settings) -> Engine:
     url = settings.resolved_database_url
@@ -19,6 +21,8 @@ def make_engine(settings: Settings) -> Engine:
             url,
             connect_args={"timeout": 60, "check_same_thread": False},
             hide_parameters=True,
+            pool_size=20,  # the API's thread pool (40) reads concurrently
+            max_overflow=20,
         )
         _configure_sqlite(engine)
         return engine
@@ -46,11 +50,23 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # noqa: ANN001
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read (see make_read_session_factory) takes no lock and opens no transaction:
+        # each SELECT runs on its own, in WAL mode beside the worker's writes. Taking the
+        # write lock for every GET serialised all requests (p99 of seconds under 200
+        # polling clients, benchmarks/load_status.py).
+        if not conn.get_execution_options().get(READ_ONLY, False):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for requests that only read (the GET routes, authentication): on SQLite
+    their statements run without a transaction (no lock: the reads of one request may see
+    two snapshots, which no route minds); elsewhere they are ordinary sessions."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 @contextmanager

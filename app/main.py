@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.db import make_engine, make_session_factory
+from app.db import make_engine, make_read_session_factory, make_session_factory
 from app.problems import PROBLEM_JSON, install_problem_handlers, problem_response
 from app.ratelimit import TokenBucket
 from app.routes import corpora, health, jobs, lineages
@@ -158,6 +158,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.read_session_factory = make_read_session_factory(engine)
     if enqueue is None or broker_ping is None:
         from worker.queue import Dispatcher
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
 from app.models import JOB_SUCCEEDED, Corpus, Job, Lineage, Stage
 from app.schemas import CorpusOut, JobError, JobOut, LineageOut, StageOut
 
@@ -76,3 +79,12 @@ def lineage_out(lineage: Lineage) -> LineageOut:
         created_at=lineage.created_at,
         stages=[stage_out(s) for s in lineage.stages],
     )
+
+
+def json_ok(model: BaseModel) -> JSONResponse:
+    """A read route's answer, serialised in the endpoint. Returning the model instead would
+    make FastAPI validate it again in the thread pool *after* the endpoint, while the
+    request's read session still holds its database connection: under load every pool
+    thread then waits for a connection that only such a validation would release -- a
+    deadlock (found by benchmarks/load_status.py). The model was validated when built."""
+    return JSONResponse(model.model_dump(mode="json"))

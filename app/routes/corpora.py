@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal, authenticate, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.models import Corpus
-from app.presenters import corpus_out
+from app.presenters import corpus_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, paginate
 from app.ratelimit import write_access
@@ -79,10 +79,12 @@ def list_corpora(
     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
-) -> Page[CorpusOut]:
+) -> JSONResponse:
     stmt = select(Corpus).where(Corpus.owner == principal.owner)
     rows, has_more, cursor = paginate(session, stmt, Corpus.id, after, limit)
-    return Page[CorpusOut](data=[corpus_out(c) for c in rows], has_more=has_more, next_after=cursor)
+    return json_ok(
+        Page[CorpusOut](data=[corpus_out(c) for c in rows], has_more=has_more, next_after=cursor)
+    )
 
 
 @router.get("/{corpus_id}", response_model=CorpusOut, summary="A corpus and its report")
@@ -90,5 +92,5 @@ def get_corpus(
     corpus_id: int,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
-) -> CorpusOut:
-    return corpus_out(owned_corpus(session, corpus_id, principal.owner))
+) -> JSONResponse:
+    return json_ok(corpus_out(owned_corpus(session, corpus_id, principal.owner)))

@@ -11,7 +11,7 @@ from app.auth import Principal, authenticate, get_session
 from app.idempotency import IdempotencyScope, request_hash
 from app.lifecycle import request_cancel
 from app.models import JOB_TERMINAL, JobEvent
-from app.presenters import job_out
+from app.presenters import job_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, paginate
 from app.ratelimit import write_access
@@ -25,9 +25,9 @@ def get_job(
     job_id: int,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
-) -> JobOut:
+) -> JSONResponse:
     job, stage = owned_job(session, job_id, principal.owner)
-    return job_out(job, stage)
+    return json_ok(job_out(job, stage))
 
 
 @router.get("/{job_id}/events", response_model=Page[JobEventOut], summary="A job's event log")
@@ -37,25 +37,27 @@ def list_events(
     limit: int = Query(DEFAULT_LIMIT * 5, ge=1, le=MAX_LIMIT * 5),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
-) -> Page[JobEventOut]:
+) -> JSONResponse:
     job, _ = owned_job(session, job_id, principal.owner)
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     rows, has_more, cursor = paginate(session, stmt, JobEvent.id, after, limit)
-    return Page[JobEventOut](
-        data=[
-            JobEventOut(
-                id=e.id,
-                job_id=e.job_id,
-                created_at=e.created_at,
-                level=e.level,
-                type=e.type,
-                message=e.message,
-                data=e.data,
-            )
-            for e in rows
-        ],
-        has_more=has_more,
-        next_after=cursor,
+    return json_ok(
+        Page[JobEventOut](
+            data=[
+                JobEventOut(
+                    id=e.id,
+                    job_id=e.job_id,
+                    created_at=e.created_at,
+                    level=e.level,
+                    type=e.type,
+                    message=e.message,
+                    data=e.data,
+                )
+                for e in rows
+            ],
+            has_more=has_more,
+            next_after=cursor,
+        )
     )
 
 

@@ -32,7 +32,7 @@ from app.models import (
     Lineage,
     Stage,
 )
-from app.presenters import job_out, lineage_out, stage_out
+from app.presenters import job_out, json_ok, lineage_out, stage_out
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, owned_lineage, owned_stage, paginate
 from app.ratelimit import write_access
@@ -169,11 +169,11 @@ def list_lineages(
     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
-) -> Page[LineageOut]:
+) -> JSONResponse:
     stmt = select(Lineage).where(Lineage.owner == principal.owner)
     rows, has_more, cursor = paginate(session, stmt, Lineage.id, after, limit)
-    return Page[LineageOut](
-        data=[lineage_out(r) for r in rows], has_more=has_more, next_after=cursor
+    return json_ok(
+        Page[LineageOut](data=[lineage_out(r) for r in rows], has_more=has_more, next_after=cursor)
     )
 
 
@@ -182,8 +182,8 @@ def get_lineage(
     lineage_id: int,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
-) -> LineageOut:
-    return lineage_out(owned_lineage(session, lineage_id, principal.owner))
+) -> JSONResponse:
+    return json_ok(lineage_out(owned_lineage(session, lineage_id, principal.owner)))
 
 
 # -- domains ------------------------------------------------------------------------------
@@ -563,6 +563,6 @@ def get_metrics(
     lineage_id: int,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
-) -> MetricsOut:
+) -> JSONResponse:
     lineage = owned_lineage(session, lineage_id, principal.owner)
-    return MetricsOut(lineage_id=lineage.id, **build_metrics(session, lineage))
+    return json_ok(MetricsOut(lineage_id=lineage.id, **build_metrics(session, lineage)))

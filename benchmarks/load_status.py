@@ -1,0 +1,340 @@
+"""Load benchmark (not a test): many clients polling a job's status and events while it trains.
+
+    python benchmarks/load_status.py                       # embedded `das-service serve`
+    python benchmarks/load_status.py --duration 60 --clients 200 --interval 1
+    python benchmarks/load_status.py --url http://127.0.0.1:8000 --key das_...
+
+Without ``--url`` it starts ``das-service serve`` (SQLite, the filesystem broker, one worker)
+in a fresh data folder on a free loopback port. It creates a lineage on the built-in
+``tiny-roberta`` base and adds one domain whose job trains for longer than the run, waits
+until the job is training, then starts a *second process* (asyncio + httpx, loopback only)
+with ``--clients`` concurrent clients for ``--duration`` seconds (at most 600). Each client
+loops: ``GET /v1/jobs/{id}``, then ``GET /v1/jobs/{id}/events?after=<last seen>`` (tailing
+the log as a dashboard would), then waits ``--interval`` seconds (0: as fast as it can, a
+saturation test). A request counts as an error unless it answers 200 within 10 s.
+
+Prints, per route and overall: requests, requests/s, p50/p90/p99/max latency (ms) and the
+error count; and how many training steps the job made during the run (the API shares the
+machine with the worker). ``--json FILE`` also writes them. At the end the job is cancelled
+and an embedded server is stopped (Ctrl-C, as a user would).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 10.0
+
+
+# -- the load: a second process ------------------------------------------------------------
+
+
+async def _client(http, job_id: int, interval: float, stop_at: float, out: dict) -> None:  # noqa: ANN001
+    import random
+
+    after = ""
+    await asyncio.sleep(random.uniform(0, interval or 0.05))  # spread the first requests
+    while time.monotonic() < stop_at:
+        cycle = time.monotonic()
+        for route, path in (
+            ("GET /v1/jobs/{id}", f"/v1/jobs/{job_id}"),
+            ("GET /v1/jobs/{id}/events", f"/v1/jobs/{job_id}/events?limit=100&after={after}"),
+        ):
+            started = time.perf_counter()
+            try:
+                r = await http.get(path)
+                ok = r.status_code == 200
+                if ok and route.endswith("events"):
+                    page = r.json()
+                    after = page["next_after"] or (
+                        str(page["data"][-1]["id"]) if page["data"] else after
+                    )
+            except Exception:  # noqa: BLE001 - a time-out or a refused connection
+                ok = False
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            out["latencies"].setdefault(route, []).append(elapsed_ms)
+            if not ok:
+                out["errors"][route] = out["errors"].get(route, 0) + 1
+        if interval:
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - cycle)))
+
+
+async def _load(url: str, key: str, job_id: int, clients: int, duration: float, interval: float):  # noqa: ANN202
+    """``clients`` pollers, each with its own connection: one ``AsyncClient`` each, made
+    before the clock starts (httpx's pool scans all of its connections for every request,
+    so one shared 200-connection pool was the bottleneck of the measurement, not the
+    server; and a client's TLS context is costly to build, so they share one)."""
+    import ssl
+
+    import httpx
+
+    tls = ssl.create_default_context()
+    https = [
+        httpx.AsyncClient(
+            base_url=url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=TIMEOUT_S,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            verify=tls,
+        )
+        for _ in range(clients)
+    ]
+    out: dict = {"latencies": {}, "errors": {}}
+    started = time.monotonic()
+    stop_at = started + duration
+    try:
+        await asyncio.gather(*(_client(h, job_id, interval, stop_at, out) for h in https))
+    finally:
+        out["seconds"] = time.monotonic() - started
+        for h in https:
+            await h.aclose()
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarize(raw: dict) -> dict:
+    rows = {}
+    every: list[float] = []
+    for route, values in sorted(raw["latencies"].items()):
+        every += values
+        rows[route] = _row(values, raw["errors"].get(route, 0), raw["seconds"])
+    rows["all"] = _row(every, sum(raw["errors"].values()), raw["seconds"])
+    return rows
+
+
+def _row(values: list[float], errors: int, seconds: float) -> dict:
+    if not values:
+        return {"requests": 0, "errors": errors}
+    return {
+        "requests": len(values),
+        "requests_per_s": round(len(values) / seconds, 1),
+        "p50_ms": round(statistics.median(values), 1),
+        "p90_ms": round(_percentile(values, 90), 1),
+        "p99_ms": round(_percentile(values, 99), 1),
+        "max_ms": round(max(values), 1),
+        "errors": errors,
+    }
+
+
+def run_client(args: argparse.Namespace) -> int:
+    raw = asyncio.run(
+        _load(args.url, args.key, args.job, args.clients, args.duration, args.interval)
+    )
+    print(json.dumps(summarize(raw)))
+    return 0
+
+
+# -- the server and the job --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_embedded(data: Path, log_path: Path) -> tuple[subprocess.Popen, str, str]:
+    port = _free_port()
+    env = {**os.environ, "DAS_DATA_DIR": str(data), "PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    for var in ("DATABASE_URL", "CELERY_BROKER_URL"):
+        env.pop(var, None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    log = log_path.open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"das-service serve exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise TimeoutError("das-service serve did not become ready")
+    key = re.search(r"API key \(owner 'local'\): (\S+)", log_path.read_text()).group(1)
+    return server, url, key
+
+
+def start_training_job(url: str, key: str, max_steps: int) -> int:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        lineage = http.post(
+            "/v1/lineages",
+            json={
+                "name": "load-benchmark",
+                "base_model": "tiny-roberta",
+                "hyperparameters": {
+                    "max_steps": max_steps,
+                    "batch_size": 8,
+                    "block_size": 64,
+                    "checkpoint_every": 1000,
+                    "eval_max_batches": 2,
+                    "importance_max_batches": 2,
+                },
+            },
+        )
+        lineage.raise_for_status()
+        text = "".join(
+            f"Shares of company {i} rose {i % 7} percent after the central bank held rates.\n\n"
+            for i in range(400)
+        )
+        r = http.post(
+            f"/v1/lineages/{lineage.json()['id']}/domains",
+            data={"name": "news"},
+            files={"file": ("news.txt", text.encode())},
+        )
+        r.raise_for_status()
+        job_id = r.json()["job"]["id"]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["phase"] == "training" and (job["step"] or 0) >= 1:
+                return job_id
+            if job["status"] in ("failed", "cancelled", "succeeded"):
+                raise RuntimeError(f"the job ended before the load started: {job}")
+            time.sleep(0.5)
+    raise TimeoutError("the job did not start training")
+
+
+def job_step(url: str, key: str, job_id: int) -> int:
+    import httpx
+
+    r = httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    return int(r.json().get("step") or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running server (default: start das-service serve)")
+    parser.add_argument("--key", help="its API key (with --url)")
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds (at most 600)")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between a client's polls (0: none)"
+    )
+    parser.add_argument("--max-steps", type=int, default=100_000, help="the training job's")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--job", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.duration = min(args.duration, 600.0)
+    if args.client:
+        return run_client(args)
+
+    server = None
+    with tempfile.TemporaryDirectory(prefix="das-load-") as tmp:
+        try:
+            if args.url:
+                if not args.key:
+                    parser.error("--url needs --key")
+                url, key = args.url.rstrip("/"), args.key
+            else:
+                server, url, key = start_embedded(Path(tmp) / "data", Path(tmp) / "serve.log")
+            job_id = start_training_job(url, key, args.max_steps)
+            steps_before = job_step(url, key, job_id)
+            print(
+                f"job {job_id} training; {args.clients} clients for {args.duration:.0f} s, "
+                f"interval {args.interval} s, on {url} ({os.cpu_count()} CPUs)",
+                flush=True,
+            )
+            load = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--client",
+                    "--url",
+                    url,
+                    "--key",
+                    key,
+                    "--job",
+                    str(job_id),
+                    "--clients",
+                    str(args.clients),
+                    "--duration",
+                    str(args.duration),
+                    "--interval",
+                    str(args.interval),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=args.duration + 120,
+                check=False,
+            )
+            if load.returncode != 0:
+                raise RuntimeError(f"the load process failed:\n{load.stderr[-3000:]}")
+            rows = json.loads(load.stdout.strip().splitlines()[-1])
+            steps = job_step(url, key, job_id) - steps_before
+            print(
+                f"{'route':<28}{'req':>8}{'req/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}"
+                f"{'max':>9}{'errors':>8}"
+            )
+            for route, row in rows.items():
+                print(
+                    f"{route:<28}{row['requests']:>8}{row.get('requests_per_s', 0):>9}"
+                    f"{row.get('p50_ms', 0):>8}{row.get('p90_ms', 0):>8}"
+                    f"{row.get('p99_ms', 0):>8}{row.get('max_ms', 0):>9}{row['errors']:>8}"
+                )
+            print(f"(latencies in ms) the job trained {steps} steps during the run")
+            if args.json:
+                args.json.write_text(
+                    json.dumps(
+                        {
+                            "clients": args.clients,
+                            "duration_s": args.duration,
+                            "interval_s": args.interval,
+                            "cpus": os.cpu_count(),
+                            "training_steps_during_run": steps,
+                            "routes": rows,
+                        },
+                        indent=2,
+                    )
+                )
+            import httpx
+
+            httpx.post(
+                f"{url}/v1/jobs/{job_id}/cancel",
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+        finally:
+            if server is not None and server.poll() is None:
+                server.send_signal(signal.SIGINT)
+                try:
+                    server.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
