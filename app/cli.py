@@ -11,6 +11,8 @@ from pathlib import Path
 
 from app.settings import Settings, get_settings
 
+KEEP_ALIVE_S = 75
+
 
 def _session_factory(settings: Settings):  # noqa: ANN202
     from app.db import make_engine, make_session_factory
@@ -127,7 +129,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=port, log_level="info")
+        # keep-alive longer than a poller's interval (and than a proxy's idle timeout):
+        # with uvicorn's 5 s, a client polling every 5 s races the server closing its
+        # connection and gets a reset (benchmarks/load_status.py --interval 5)
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=port,
+            log_level="info",
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
     finally:
         _stop(worker)
         worker_log.close()

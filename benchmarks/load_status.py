@@ -57,17 +57,19 @@ async def _client(http, job_id: int, interval: float, stop_at: float, out: dict)
             try:
                 r = await http.get(path)
                 ok = r.status_code == 200
+                why = str(r.status_code)
                 if ok and route.endswith("events"):
                     page = r.json()
                     after = page["next_after"] or (
                         str(page["data"][-1]["id"]) if page["data"] else after
                     )
-            except Exception:  # noqa: BLE001 - a time-out or a refused connection
-                ok = False
+            except Exception as exc:  # noqa: BLE001 - a time-out or a refused connection
+                ok, why = False, type(exc).__name__
             elapsed_ms = (time.perf_counter() - started) * 1000
             out["latencies"].setdefault(route, []).append(elapsed_ms)
             if not ok:
                 out["errors"][route] = out["errors"].get(route, 0) + 1
+                out["why"][why] = out["why"].get(why, 0) + 1
         if interval:
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - cycle)))
 
@@ -92,7 +94,7 @@ async def _load(url: str, key: str, job_id: int, clients: int, duration: float, 
         )
         for _ in range(clients)
     ]
-    out: dict = {"latencies": {}, "errors": {}}
+    out: dict = {"latencies": {}, "errors": {}, "why": {}}
     started = time.monotonic()
     stop_at = started + duration
     try:
@@ -116,6 +118,8 @@ def summarize(raw: dict) -> dict:
         every += values
         rows[route] = _row(values, raw["errors"].get(route, 0), raw["seconds"])
     rows["all"] = _row(every, sum(raw["errors"].values()), raw["seconds"])
+    if raw["why"]:
+        rows["all"]["error_kinds"] = raw["why"]  # status codes or exception names
     return rows
 
 
@@ -305,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row.get('p99_ms', 0):>8}{row.get('max_ms', 0):>9}{row['errors']:>8}"
                 )
             print(f"(latencies in ms) the job trained {steps} steps during the run")
+            if rows["all"].get("error_kinds"):
+                print(f"errors: {rows['all']['error_kinds']}")
+                if server is not None:
+                    log = (Path(tmp) / "serve.log").read_text(errors="replace").splitlines()
+                    print("\n".join(line for line in log if "ERROR" in line or "WARNING" in line))
             if args.json:
                 args.json.write_text(
                     json.dumps(
