@@ -44,7 +44,9 @@ def test_redis_restart_with_queued_and_running_jobs(postgres_url, redis_url, tmp
     ) as (settings, app, client, worker):
         owner = new_owner(app)
         # everything but the domain submissions first, so the outage starts soon after them
-        long_running = new_lineage(client, owner, "long", {**TINY_HP, "max_steps": 60})
+        # long enough to span the outage on a fast, idle machine (~10 ms a step)
+        long_hp = {**TINY_HP, "max_steps": 300, "checkpoint_every": 100}
+        long_running = new_lineage(client, owner, "long", long_hp)
         ordered = new_lineage(client, owner, "ordered", TINY_HP)
         other = new_lineage(client, owner, "other", TINY_HP)
         late_lineage = new_lineage(client, owner, "late", TINY_HP)
@@ -101,4 +103,4 @@ def test_redis_restart_with_queued_and_running_jobs(postgres_url, redis_url, tmp
         assert on_disk == ["001-news", "002-law"]
         # the long job's message was unacknowledged at the restart: gone, yet it trained once
         result = next(e for e in events(client, owner, running) if e["type"] == "result")
-        assert result["data"]["steps"] == 60 and result["data"]["resumed_from_step"] == 0
+        assert result["data"]["steps"] == 300 and result["data"]["resumed_from_step"] == 0
