@@ -30,6 +30,8 @@ from tests.service.conftest import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
+LONG_STEPS = 60  # at >= 0.1 s each (the throttled worker): >= 6 s of training
+
 
 def test_redis_restart_with_queued_and_running_jobs(postgres_url, redis_url, tmp_path):
     import redis
@@ -41,11 +43,16 @@ def test_redis_restart_with_queued_and_running_jobs(postgres_url, redis_url, tmp
         "das-redis-restart",
         sweep_interval_seconds=2,
         sweep_stale_seconds=3,
+        # every training step lasts at least 0.1 s, so the long job (60 steps) is still
+        # training when Redis goes down, however fast the machine
+        worker={
+            "module": "tests.reliability.throttled_worker",
+            "env": {"DAS_TEST_STEP_SECONDS": "0.1"},
+        },
     ) as (settings, app, client, worker):
         owner = new_owner(app)
         # everything but the domain submissions first, so the outage starts soon after them
-        # long enough to span the outage on a fast, idle machine (~10 ms a step)
-        long_hp = {**TINY_HP, "max_steps": 300, "checkpoint_every": 100}
+        long_hp = {**TINY_HP, "max_steps": LONG_STEPS, "checkpoint_every": 100}
         long_running = new_lineage(client, owner, "long", long_hp)
         ordered = new_lineage(client, owner, "ordered", TINY_HP)
         other = new_lineage(client, owner, "other", TINY_HP)
@@ -78,12 +85,12 @@ def test_redis_restart_with_queued_and_running_jobs(postgres_url, redis_url, tmp
         assert broker.llen(settings.celery_queue) >= 2
 
         with redis_stopped():
+            assert job(client, owner, running)["status"] == "running"  # down while it trains
             ready = client.get("/readyz")
             assert ready.status_code == 503 and "broker" in ready.json()["checks"]
             # a domain added while the broker is down is accepted; its message is not sent
             late = submit(late_lineage, "law")
             assert job(client, owner, late)["status"] == "queued"
-        assert job(client, owner, running)["status"] == "running"  # it spans the restart
         assert client.get("/readyz").status_code == 200
 
         jobs = [running, first, second, queued, late]
@@ -103,4 +110,4 @@ def test_redis_restart_with_queued_and_running_jobs(postgres_url, redis_url, tmp
         assert on_disk == ["001-news", "002-law"]
         # the long job's message was unacknowledged at the restart: gone, yet it trained once
         result = next(e for e in events(client, owner, running) if e["type"] == "result")
-        assert result["data"]["steps"] == 300 and result["data"]["resumed_from_step"] == 0
+        assert result["data"]["steps"] == LONG_STEPS and result["data"]["resumed_from_step"] == 0

@@ -160,6 +160,16 @@ def test_every_database_step_of_the_worker_is_retried(tmp_path, monkeypatch, cap
     from worker.runner import JobRunner
 
     monkeypatch.setattr(worker.runner, "DB_BACKOFF_SECONDS", 0.01)
+    # training steps of at least 0.3 s: the heartbeat (every 0.5 s) beats during the run
+    from das_engine import trainer
+
+    real_micro_batch = trainer.Trainer._micro_batch
+
+    def slow_micro_batch(self, step, micro):  # noqa: ANN001, ANN202
+        time.sleep(0.3)
+        return real_micro_batch(self, step, micro)
+
+    monkeypatch.setattr(trainer.Trainer, "_micro_batch", slow_micro_batch)
     settings = make_settings(
         tmp_path, event_every_steps=1, progress_interval_seconds=0, lease_seconds=2
     )
@@ -171,7 +181,10 @@ def test_every_database_step_of_the_worker_is_retried(tmp_path, monkeypatch, cap
     runner = JobRunner(settings, make_session_factory(engine), recorder, worker_id="flaky")
     with TestClient(app, raise_server_exceptions=False) as client:
         owner = new_owner(app)
-        lineage = new_lineage(client, owner, "flaky", TINY_HP)
+        # long enough (the full DAS objective, 40 steps) for several heartbeats
+        lineage = new_lineage(
+            client, owner, "flaky", {**TINY_HP, "max_steps": 40, "contrast_weight": 1.0}
+        )
         first = add_domain(client, owner, lineage, "news")
         second = add_domain(client, owner, lineage, "law")
         outcome = runner.run(first)
@@ -183,7 +196,7 @@ def test_every_database_step_of_the_worker_is_retried(tmp_path, monkeypatch, cap
         assert recorder.sent[-1] == second  # sent despite the faults
         state = job(client, owner, first)
         assert state["status"] == "succeeded" and state["attempts"] == 1
-        assert state["progress"] == 1.0 and state["step"] == TINY_HP["max_steps"]
+        assert state["progress"] == 1.0 and state["step"] == 40
         types = [e["type"] for e in events(client, owner, first)]
         assert types.count("claimed") == 1 and types.count("succeeded") == 1, types
         r = client.get(f"/v1/lineages/{lineage}/stages/1/checkpoint", headers=owner.headers)
