@@ -300,17 +300,27 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """A real Celery worker (``celery -A worker.celery_app worker --pool=solo -c 1``)."""
+    """A real Celery worker (``celery -A worker.celery_app worker --pool=solo -c 1``);
+    ``module`` runs another module than ``celery`` with the same arguments (a test wrapper),
+    ``env`` adds variables."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        module: str = "celery",
+        env: dict[str, str] | None = None,
+    ) -> None:
         from app.cli import worker_command
 
+        command = worker_command(settings)
+        command[command.index("celery")] = module
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            worker_command(settings),
+            command,
             cwd=REPO,
-            env=service_env(settings),
+            env={**service_env(settings), **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -341,10 +351,16 @@ class WorkerProcess:
 
 @contextmanager
 def service_stack(
-    data: Path, database_url: str, broker_url: str, queue: str, **overrides
+    data: Path,
+    database_url: str,
+    broker_url: str,
+    queue: str,
+    worker: dict | None = None,
+    **overrides,
 ) -> Iterator[tuple[Settings, object, TestClient, WorkerProcess]]:
     """Migrations on the database, an API (in-process, its real broker dispatcher) and one
-    real worker process reading ``queue``; ``overrides`` are more settings."""
+    real worker process reading ``queue``; ``overrides`` are more settings, ``worker`` more
+    arguments of :class:`WorkerProcess`."""
     options = {
         "database_url": database_url,
         "celery_broker_url": broker_url,
@@ -357,13 +373,13 @@ def service_stack(
     settings = make_settings(data, **options)
     upgrade(settings)
     app = create_app(settings)
-    worker = WorkerProcess(settings, data / "worker.log")
+    process = WorkerProcess(settings, data / "worker.log", **(worker or {}))
     try:
-        worker.wait_ready()
+        process.wait_ready()
         with TestClient(app, raise_server_exceptions=False) as client:
-            yield settings, app, client, worker
+            yield settings, app, client, process
     finally:
-        worker.stop()
+        process.stop()
         app.state.engine.dispose()
 
 
