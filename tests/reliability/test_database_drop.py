@@ -57,12 +57,18 @@ def _poll(client, owner, job_id):  # noqa: ANN001, ANN202
 @pytest.mark.timeout(600)
 def test_connections_dropped_during_a_job(postgres_url, redis_url, tmp_path):
     database = postgres_url.rsplit("/", 1)[1]
-    with service_stack(tmp_path, postgres_url, redis_url, "das-pg-drop", lease_seconds=8) as (
-        settings,
-        app,
-        client,
-        worker,
-    ):
+    with service_stack(
+        tmp_path,
+        postgres_url,
+        redis_url,
+        "das-pg-drop",
+        lease_seconds=8,
+        # training steps of >= 0.2 s: the drops keep coming for the whole run on any machine
+        worker={
+            "module": "tests.reliability.throttled_worker",
+            "env": {"DAS_TEST_STEP_SECONDS": "0.2"},
+        },
+    ) as (settings, app, client, worker):
         owner = new_owner(app)
         lineage = new_lineage(
             client, owner, "drop", {**TINY_HP, "max_steps": 24, "checkpoint_every": 6}
@@ -93,8 +99,8 @@ def test_connections_dropped_during_a_job(postgres_url, redis_url, tmp_path):
             phases.add(state["phase"])
             if state["status"] in TERMINAL:
                 break
-        assert dropped >= rounds  # the worker's connections were really cut, every round
-        assert {"training", "evaluating"} & phases
+        assert dropped >= rounds >= 10  # connections were really cut, again and again
+        assert {"training", "evaluating"} <= phases  # in both phases
 
         state = wait_for(lambda: _poll(client, owner, job_id), 30, "the API")
         assert state["status"] == "succeeded", f"{state}\n{worker.log()}"
