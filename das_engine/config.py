@@ -46,6 +46,11 @@ class TrainingConfig:
     importance_max_batches: int = 32
     freeze_embeddings: bool = False
     freeze_layernorm: bool = False
+    # DAS on units the paper leaves free: per-vocabulary-row importance of the word
+    # embeddings (tied LM head included) and per-element importance of every norm layer,
+    # each soft-masked like the other units (docs/benchmark.md, "What DAS leaves unmasked")
+    mask_embeddings: bool = False
+    mask_layernorm: bool = False
     # evaluation and bookkeeping
     eval_fraction: float = 0.05
     eval_max_batches: int = 16
@@ -66,6 +71,14 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def extra_unit_kinds(self) -> tuple[str, ...]:
+        """The EXTRA_KINDS this config measures and masks."""
+        return tuple(
+            k
+            for k, on in (("embedding", self.mask_embeddings), ("layernorm", self.mask_layernorm))
+            if on
+        )
 
     # -- validation ---------------------------------------------------------------
     def validate(self) -> None:
@@ -122,6 +135,9 @@ class TrainingConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 bad(name, f"must be an integer in [{lo}, {hi}], got {v!r}")
+        for name in ("freeze_embeddings", "freeze_layernorm", "mask_embeddings", "mask_layernorm"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.max_steps is not None and (
             isinstance(self.max_steps, bool)
             or not isinstance(self.max_steps, int)

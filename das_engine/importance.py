@@ -19,18 +19,32 @@ from torch import nn
 
 from das_engine.errors import ImportanceError
 from das_engine.objective import lm_forward
-from das_engine.units import UNIT_KINDS, UnitMap, gates_attached, ones_gates
+from das_engine.units import EXTRA_KINDS, UNIT_KINDS, UnitMap, gates_attached, ones_gates
 
 
 @dataclass
 class Importance:
-    """Per-unit importance in [0, 1): ``values[kind]`` has shape [layers, units]."""
+    """Per-unit importance in [0, 1): ``values[kind]`` has shape [layers, units].
+
+    Always holds the three UNIT_KINDS; may hold EXTRA_KINDS (embedding rows, norm elements)
+    when a stage asked for them.
+    """
 
     values: dict[str, torch.Tensor]
 
+    @property
+    def kinds(self) -> set[str]:
+        return set(self.values)
+
     def emax(self, other: Importance) -> Importance:
-        """Element-wise max: the accumulated importance I_acc = EMax(I_1, ..., I_t)."""
-        return Importance({k: torch.maximum(self.values[k], other.values[k]) for k in UNIT_KINDS})
+        """Element-wise max: the accumulated importance I_acc = EMax(I_1, ..., I_t).
+
+        A kind only one side holds is kept as it is (a stage that did not measure it
+        protects nothing extra there)."""
+        out = {**self.values, **other.values}
+        for k in self.kinds & other.kinds:
+            out[k] = torch.maximum(self.values[k], other.values[k])
+        return Importance(out)
 
     def permuted(self, seed: int) -> Importance:
         """Same values shuffled onto random units within each layer and kind (a control)."""
@@ -59,7 +73,7 @@ class Importance:
 
         meta = {
             "kind": kind,
-            "unit_kinds": json.dumps(list(UNIT_KINDS)),
+            "unit_kinds": json.dumps(list(self.values)),
             "shapes": json.dumps({k: list(v.shape) for k, v in self.values.items()}),
         }
         meta.update({k: str(v) for k, v in (extra or {}).items()})
@@ -76,7 +90,7 @@ class Importance:
         missing = [k for k in UNIT_KINDS if k not in tensors]
         if missing:
             raise ImportanceError(f"importance snapshot {path} lacks unit kinds {missing}")
-        return cls({k: tensors[k] for k in UNIT_KINDS})
+        return cls({k: tensors[k] for k in (*UNIT_KINDS, *EXTRA_KINDS) if k in tensors})
 
 
 def standardize(raw: torch.Tensor) -> torch.Tensor:
@@ -114,28 +128,58 @@ LossFn = Callable[[nn.Module, UnitMap, dict], torch.Tensor]
 
 
 def raw_gate_gradients(
-    model: nn.Module, unit_map: UnitMap, batches: Iterable[dict], loss_fn: LossFn
+    model: nn.Module,
+    unit_map: UnitMap,
+    batches: Iterable[dict],
+    loss_fn: LossFn,
+    extra_kinds: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """I_u = (1/N) sum_n |dL(x_n)/dg_u| with all gates at 1.
 
     ``torch.autograd.grad`` returns fresh gradients per batch, which is exactly "zero the
     gate grads between batches" (the research code forgot to, defect 4).
+
+    ``extra_kinds`` units (embedding rows, norm elements) have no module output to hook:
+    a gate g_u scaling every parameter entry the unit owns has, at g = 1,
+    dL/dg_u = sum over those entries of w * dL/dw, so their gates come from the weights'
+    own gradients (signed sum per batch, then |.|, like the hooked gates).
     """
     device = next(model.parameters()).device
     gates = ones_gates(unit_map, device)
     total = {k: torch.zeros_like(g) for k, g in gates.items()}
+    extra = unit_map.slices_of(extra_kinds)
+    for kind, shape in unit_map.extra_shapes().items():
+        if kind in extra_kinds:
+            total[kind] = torch.zeros(shape, device=device)
+    extra_params = list({id(s.param): s.param for s in extra}.values())
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)  # only gate gradients are needed: skip weight grads
+    for p in extra_params:
+        p.requires_grad_(True)
+    index = {id(p): i for i, p in enumerate(extra_params)}
     n = 0
     try:
         with gates_attached(model, unit_map, gates):
             for batch in batches:
                 loss = loss_fn(model, unit_map, batch)
-                grads = torch.autograd.grad(loss, [gates[k] for k in UNIT_KINDS], allow_unused=True)
-                for k, g in zip(UNIT_KINDS, grads, strict=True):
+                grads = torch.autograd.grad(
+                    loss, [gates[k] for k in UNIT_KINDS] + extra_params, allow_unused=True
+                )
+                for k, g in zip(UNIT_KINDS, grads[: len(UNIT_KINDS)], strict=True):
                     if g is not None:
                         total[k] += g.detach().abs()
+                signed = {k: torch.zeros_like(total[k]) for k in extra_kinds if k in total}
+                for sl in extra:
+                    g = grads[len(UNIT_KINDS) + index[id(sl.param)]]
+                    if g is None:
+                        continue
+                    prod = (sl.param.detach() * g.detach()).float()
+                    others = tuple(d for d in range(prod.dim()) if d != sl.axis)
+                    per_unit = prod.sum(dim=others) if others else prod  # sum(dim=()) = all
+                    signed[sl.kind][sl.layer].index_add_(0, sl.unit_index.to(device), per_unit)
+                for k, v in signed.items():
+                    total[k] += v.abs()
                 n += 1
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
@@ -169,7 +213,11 @@ def domain_loss(model: nn.Module, unit_map: UnitMap, batch: dict) -> torch.Tenso
 
 
 def general_importance(
-    model: nn.Module, unit_map: UnitMap, batches: list[dict], normalization: str = "paper"
+    model: nn.Module,
+    unit_map: UnitMap,
+    batches: list[dict],
+    normalization: str = "paper",
+    extra_kinds: tuple[str, ...] = (),
 ) -> Importance:
     """Step 0: importance for the general knowledge via the robustness proxy.
 
@@ -188,20 +236,24 @@ def general_importance(
             probe = proxy_kl_loss(model, unit_map, batches[0])
         if float(probe) == 0.0:
             raise ImportanceError("proxy KL is exactly 0: the two dropout views are identical")
-        raw = raw_gate_gradients(model, unit_map, batches, proxy_kl_loss)
+        raw = raw_gate_gradients(model, unit_map, batches, proxy_kl_loss, extra_kinds)
     finally:
         model.train(was_training)
     return normalize(raw, normalization)
 
 
 def domain_importance(
-    model: nn.Module, unit_map: UnitMap, batches: list[dict], normalization: str = "paper"
+    model: nn.Module,
+    unit_map: UnitMap,
+    batches: list[dict],
+    normalization: str = "paper",
+    extra_kinds: tuple[str, ...] = (),
 ) -> Importance:
     """Importance of the units for a domain, from that domain's own LM loss (eval mode)."""
     was_training = model.training
     model.eval()
     try:
-        raw = raw_gate_gradients(model, unit_map, batches, domain_loss)
+        raw = raw_gate_gradients(model, unit_map, batches, domain_loss, extra_kinds)
     finally:
         model.train(was_training)
     return normalize(raw, normalization)

@@ -341,30 +341,30 @@ class Lineage:
         # I_acc(t-1): EMax(I_general, I(1), ..., I(t-1)); stored per stage, so one load
         accumulated = None
         if strategy.uses_importance:
+            extra = cfg.extra_unit_kinds()
             general_path = self.path / "importance" / "general.safetensors"
-            if (
-                position == 1
-                or not (previous[-1].importance_dir / "accumulated.safetensors").exists()
-            ):
-                if not general_path.exists():
+            acc_path = previous[-1].importance_dir / "accumulated.safetensors" if previous else None
+            if acc_path is not None and acc_path.exists():
+                accumulated = Importance.load(acc_path)
+                if not set(extra) <= accumulated.kinds:  # extra kinds asked for only now
+                    accumulated = None
+            if accumulated is None:
+                general = Importance.load(general_path) if general_path.exists() else None
+                if general is None or not set(extra) <= general.kinds:
                     progress(
                         ProgressEvent("importance", 0, 1, message="general importance (proxy KL)")
                     )
                     base_model = model if from_base else load_model(self.base_dir).to(device)
                     batches = self._importance_batches(train_store, batcher, device)
-                    imp = general_importance(
-                        base_model, build_unit_map(base_model), batches, cfg.normalization
+                    general = general_importance(
+                        base_model, build_unit_map(base_model), batches, cfg.normalization, extra
                     )
-                    imp.save(general_path, "general", {"normalization": cfg.normalization})
-                accumulated = Importance.load(general_path)
+                    general.save(general_path, "general", {"normalization": cfg.normalization})
+                accumulated = general
                 for s in previous:  # a lineage switched to DAS later: fold earlier stages in
                     dom = s.importance_dir / "domain.safetensors"
                     if dom.exists():
                         accumulated = accumulated.emax(Importance.load(dom))
-            else:
-                accumulated = Importance.load(
-                    previous[-1].importance_dir / "accumulated.safetensors"
-                )
 
         # the new domain's column: earlier models (and the base) on its held-out split
         progress(
@@ -420,7 +420,9 @@ class Lineage:
         if strategy.uses_importance:
             progress(ProgressEvent("importance", 0, 1, message="domain importance"))
             batches = self._importance_batches(train_store, batcher, device)
-            dom = domain_importance(model, unit_map, batches, cfg.normalization)
+            dom = domain_importance(
+                model, unit_map, batches, cfg.normalization, cfg.extra_unit_kinds()
+            )
             dom.save(
                 partial / "importance" / "domain.safetensors",
                 "domain",

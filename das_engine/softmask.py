@@ -14,33 +14,45 @@ from __future__ import annotations
 import torch
 
 from das_engine.importance import Importance
-from das_engine.units import UnitMap
+from das_engine.units import UNIT_KINDS, UnitMap
 
 
-def parameter_multipliers(unit_map: UnitMap, importance: Importance) -> dict[str, torch.Tensor]:
-    """For each masked parameter name, a tensor of its shape holding 1 - I of its unit."""
+def parameter_multipliers(
+    unit_map: UnitMap, importance: Importance, kinds: tuple[str, ...] = UNIT_KINDS
+) -> dict[str, torch.Tensor]:
+    """For each masked parameter name, a tensor of its shape holding 1 - I of its unit.
+
+    Only units of ``kinds`` that ``importance`` holds are masked (the paper's three kinds by
+    default; add EXTRA_KINDS to protect embedding rows or norm elements too).
+    """
     out: dict[str, torch.Tensor] = {}
-    for s in unit_map.slices:
+    for s in unit_map.slices_of(tuple(k for k in kinds if k in importance.values)):
         unit_imp = importance.values[s.kind][s.layer].to(s.param.device, torch.float32)
         if s.group > 1:  # one K/V head serves `group` query heads: protect it as the max
             unit_imp = unit_imp.view(-1, s.group).amax(dim=1)
         per_position = unit_imp[s.unit_index.to(s.param.device)]
         view = [1] * s.param.dim()
         view[s.axis] = -1
-        mult = (1.0 - per_position).view(view).expand_as(s.param)
-        out[s.name] = mult.to(s.param.dtype).contiguous()
+        mult = (1.0 - per_position).view(view).expand_as(s.param).to(s.param.dtype)
+        out[s.name] = out[s.name] * mult if s.name in out else mult.contiguous()
     return out
 
 
 class SoftMask:
     """Applies (1 - I_acc) to updates or gradients of the unit-writing parameters."""
 
-    def __init__(self, unit_map: UnitMap, importance: Importance, mode: str = "update") -> None:
+    def __init__(
+        self,
+        unit_map: UnitMap,
+        importance: Importance,
+        mode: str = "update",
+        kinds: tuple[str, ...] = UNIT_KINDS,
+    ) -> None:
         if mode not in ("update", "gradient"):
             raise ValueError(f"mask_mode must be 'update' or 'gradient', got {mode!r}")
         self.mode = mode
-        mults = parameter_multipliers(unit_map, importance)
-        by_name = {s.name: s.param for s in unit_map.slices}
+        mults = parameter_multipliers(unit_map, importance, kinds)
+        by_name = {s.name: s.param for s in unit_map.slices + unit_map.extra_slices}
         self.names = sorted(mults)
         self.params = [by_name[n] for n in self.names]
         self.multipliers = [mults[n] for n in self.names]

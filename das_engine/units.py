@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from das_engine.errors import UnsupportedArchitectureError
 
 UNIT_KINDS = ("head", "intermediate", "output")
+#: optional unit kinds the paper never masks: one unit per vocabulary row of the word
+#: embeddings (and of a separate output projection), one per element of each norm layer
+EXTRA_KINDS = ("embedding", "layernorm")
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class UnitMap:
     hidden_size: int
     layers: list[nn.Module]
     slices: list[ParamSlice]
+    #: slices of the EXTRA_KINDS units; masked only when a config asks for them
+    extra_slices: list[ParamSlice] = field(default_factory=list)
 
     @property
     def objective(self) -> str:
@@ -127,6 +132,17 @@ class UnitMap:
             "intermediate": (self.num_layers, self.intermediate_size),
             "output": (self.num_layers, self.hidden_size),
         }
+
+    def extra_shapes(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for s in self.extra_slices:
+            rows, cols = out.get(s.kind, (0, 0))
+            out[s.kind] = (max(rows, s.layer + 1), max(cols, len(s.unit_index)))
+        return out
+
+    def slices_of(self, kinds: tuple[str, ...] | list[str]) -> list[ParamSlice]:
+        """The parameter slices written by units of ``kinds`` (base or extra)."""
+        return [s for s in self.slices + self.extra_slices if s.kind in kinds]
 
     def module(self, layer: int, path: str) -> nn.Module:
         return self.layers[layer].get_submodule(path)
@@ -205,7 +221,50 @@ def build_unit_map(model: nn.Module) -> UnitMap:
         hidden_size=hidden,
         layers=layers,
         slices=slices,
+        extra_slices=_extra_slices(model, hidden, name_of),
     )
+
+
+def _is_norm(module: nn.Module, hidden: int) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, nn.Parameter)
+        and weight.dim() == 1
+        and weight.shape[0] == hidden
+        and (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("Norm"))
+    )
+
+
+def _extra_slices(model: nn.Module, hidden: int, name_of: dict[int, str]) -> list[ParamSlice]:
+    """Embedding rows (input, and output projection when untied) and norm-layer elements.
+
+    A unit owns its row/element in every parameter listed here, so one virtual gate on the
+    unit's output has gradient sum_p sum_row(p * dL/dp) over those parameters.
+    """
+    out: list[ParamSlice] = []
+    seen: set[int] = set()
+
+    def add(param, kind: str, layer: int) -> None:
+        if param is None or id(param) in seen or id(param) not in name_of:
+            return
+        seen.add(id(param))
+        out.append(
+            ParamSlice(name_of[id(param)], param, kind, layer, 0, torch.arange(param.shape[0]))
+        )
+
+    emb = model.get_input_embeddings()
+    add(emb.weight, "embedding", 0)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.shape[0] == emb.weight.shape[0]:
+        add(head.weight, "embedding", 0)  # no-op when tied to the input embeddings
+        bias = getattr(head, "bias", None)
+        if bias is not None and bias.shape[0] == emb.weight.shape[0]:
+            add(bias, "embedding", 0)
+    norms = [m for m in model.modules() if _is_norm(m, hidden)]
+    for j, norm in enumerate(norms):
+        add(norm.weight, "layernorm", j)
+        add(getattr(norm, "bias", None), "layernorm", j)
+    return out
 
 
 def ones_gates(unit_map: UnitMap, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

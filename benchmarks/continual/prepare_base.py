@@ -74,8 +74,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-fraction", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--init", type=Path, default=None,
-                    help="continue pre-training this model directory (tokenizer included)")
+    ap.add_argument(
+        "--init",
+        default=None,
+        help="continue pre-training this model: a directory (tokenizer included) "
+        "or a built-in base id such as all-minilm-l6-v2",
+    )
+    ap.add_argument(
+        "--head-steps",
+        type=int,
+        default=0,
+        help="train only the LM head (encoder frozen) for the first N steps: a "
+        "pretrained encoder with a freshly initialised MLM head",
+    )
+    ap.add_argument(
+        "--eval-batches",
+        type=int,
+        default=32,
+        help="held-out batches (of 32 chunks) per evaluation",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,11 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
     train_txt, eval_txt = split_general(args.general, out, args.eval_fraction)
     previous = None
     if args.init is not None:  # a second round: same tokenizer, same split, more steps
-        from das_engine.bases import load_model, load_tokenizer
+        from das_engine.bases import load_model, load_tokenizer, resolve_base
 
-        tokenizer, model = load_tokenizer(args.init), load_model(args.init)
-        prev_report = args.init.parent / "base.json"
-        if prev_report.exists():
+        init = Path(resolve_base(str(args.init)).path)
+        tokenizer, model = load_tokenizer(init), load_model(init)
+        prev_report = init.parent / "base.json"
+        if prev_report.exists() and init.parent.resolve() == out.resolve():
             previous = json.loads(prev_report.read_text())
         cfg = model.config
         args.hidden, args.layers = cfg.hidden_size, cfg.num_hidden_layers
@@ -108,24 +126,40 @@ def main(argv: list[str] | None = None) -> dict:
         )
     data = out / "tokenized"
     try:  # reuse the tokenized split of a first round (same tokenizer, same split)
-        if args.init is None:
+        if previous is None:
             raise FileNotFoundError
         ChunkStore(data / "train"), ChunkStore(data / "eval")
     except (FileNotFoundError, OSError, ValueError):
         shutil.rmtree(data, ignore_errors=True)
-        build_single_split(train_txt, tokenizer, data / "train", block_size=args.block_size,
-                       objective="mlm", split="train")
-        build_single_split(eval_txt, tokenizer, data / "eval", block_size=args.block_size,
-                           objective="mlm")
+        build_single_split(
+            train_txt,
+            tokenizer,
+            data / "train",
+            block_size=args.block_size,
+            objective="mlm",
+            split="train",
+        )
+        build_single_split(
+            eval_txt, tokenizer, data / "eval", block_size=args.block_size, objective="mlm"
+        )
     train, held = ChunkStore(data / "train"), ChunkStore(data / "eval")
     unit_map = build_unit_map(model)
     batcher = Batcher(tokenizer, "mlm")
     special = set(tokenizer.all_special_ids)
 
     def evaluate() -> float:
-        return heldout_loss(model, unit_map, held, batcher, batch_size=32, max_batches=32)
+        return heldout_loss(
+            model, unit_map, held, batcher, batch_size=32, max_batches=args.eval_batches
+        )
 
     initial = evaluate()
+    print(f"initial held-out loss {initial:.3f}", flush=True)
+    head_names = {n for n, _ in unit_map.head_module(model).named_parameters()}
+    head_params = {id(p) for p in unit_map.head_module(model).parameters()}
+    body = [p for p in model.parameters() if id(p) not in head_params]
+    frozen_body = args.head_steps > 0
+    for p in body:
+        p.requires_grad_(not frozen_body)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.max_steps // 20)
     decay = max(1, args.max_steps - warmup)
@@ -143,6 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
             order = torch.randperm(len(train), generator=gen)
             k = 0
         rows = train.rows(order[k : k + args.batch_size].tolist())
+        if frozen_body and step >= args.head_steps:  # head warmed up: train everything
+            frozen_body = False
+            for p in body:
+                p.requires_grad_(True)
         batch = batcher(rows["input_ids"], rows["attention_mask"], seed=args.seed * 7 + step)
         torch.manual_seed(args.seed * 7919 + step)
         loss = lm_forward(model, unit_map, batch).loss
@@ -156,8 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
         if step % 100 == 0:
             ev = evaluate()
             log.append({"step": step, "train_loss": float(loss.detach()), "eval_loss": ev})
-            print(f"step {step} train {float(loss.detach()):.3f} eval {ev:.3f} "
-                  f"{tokens / (time.perf_counter() - started):.0f} tok/s", flush=True)
+            print(
+                f"step {step} train {float(loss.detach()):.3f} eval {ev:.3f} "
+                f"{tokens / (time.perf_counter() - started):.0f} tok/s",
+                flush=True,
+            )
     final = evaluate()
     save_base(model, tokenizer, out / "model")
     if previous is not None:  # totals over both rounds
@@ -168,7 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "model": str(out / "model"),
         "general_eval": str(eval_txt),
-        "architecture": "roberta",
+        "architecture": model.config.model_type,
+        "init": str(args.init) if args.init else None,
+        "head_steps": args.head_steps,
+        "head_parameters": sorted(head_names),
         "hidden": args.hidden,
         "layers": args.layers,
         "heads": args.heads,

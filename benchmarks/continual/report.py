@@ -112,8 +112,14 @@ def aggregate(runs: list[dict]) -> dict:
             "runs": [
                 {
                     k: r.get(k)
-                    for k in ("seed", "loss_matrix", "stages", "train_tokens",
-                              "train_tokens_per_s_by_domain", *SCALARS)
+                    for k in (
+                        "seed",
+                        "loss_matrix",
+                        "stages",
+                        "train_tokens",
+                        "train_tokens_per_s_by_domain",
+                        *SCALARS,
+                    )
                 }
                 for r in rs
             ],
@@ -256,8 +262,13 @@ def plots(results: dict, out: Path) -> list[Path]:
     vmax = 1e-9
     for n in names:
         L = strategies[n]["loss_matrix"]
-        F = [[(L[t][i] - L[i][i]) if t >= i and _ok(L[t][i]) and _ok(L[i][i]) else math.nan
-              for i in range(T)] for t in range(T)]
+        F = [
+            [
+                (L[t][i] - L[i][i]) if t >= i and _ok(L[t][i]) and _ok(L[i][i]) else math.nan
+                for i in range(T)
+            ]
+            for t in range(T)
+        ]
         mats[n] = F
         vmax = max(vmax, max((abs(x) for r in F for x in r if _ok(x)), default=0.0))
     for k, n in enumerate(names):
@@ -315,17 +326,29 @@ def plots(results: dict, out: Path) -> list[Path]:
             if not (_ok(x["mean"]) and _ok(y["mean"])):
                 continue
             marker = "s" if n.startswith("ncl") else ("x" if "permuted" in n else "o")
-            ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0, yerr=y["std"] or 0,
-                        fmt=marker, color=cmap(k % 20), ms=6, capsize=2, lw=0.8)
-            ax.annotate(n, (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.errorbar(
+                x["mean"],
+                y["mean"],
+                xerr=x["std"] or 0,
+                yerr=y["std"] or 0,
+                fmt=marker,
+                color=cmap(k % 20),
+                ms=6,
+                capsize=2,
+                lw=0.8,
+            )
+            ax.annotate(
+                n, (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
         ax.set_xlabel("new-domain learning (base loss − loss after own stage) →")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if pts:
         axes[0].legend(fontsize=7)
-    fig.suptitle("Forgetting vs learning: better is down and right; "
-                 "DAS counts only beyond NCL's frontier and its permuted control")
+    fig.suptitle(
+        "Forgetting vs learning: better is down and right; "
+        "DAS counts only beyond NCL's frontier and its permuted control"
+    )
     files.append(_save(fig, out / "plane.png"))
     return files
 

@@ -176,25 +176,47 @@ def _nanmean(xs: list[float]) -> float | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--domains", required=True,
-                    help="comma-separated domain names (files <data-dir>/<name>.txt) or name=path")
+    ap.add_argument(
+        "--domains",
+        required=True,
+        help="comma-separated domain names (files <data-dir>/<name>.txt) or name=path",
+    )
     ap.add_argument("--data-dir", type=Path, default=Path("benchmarks/data/out"))
     ap.add_argument("--base", required=True, help="base model: a local HF directory or an id")
     ap.add_argument("--general", type=Path, default=None, help="general reference corpus")
-    ap.add_argument("--strategies", default="das,ncl",
-                    help="comma-separated variants (see variants.py) or strategy:key=value,...")
-    ap.add_argument("--no-controls", action="store_true",
-                    help="do not add the mandatory controls (smoke tests only)")
+    ap.add_argument(
+        "--strategies",
+        default="das,ncl",
+        help="comma-separated variants (see variants.py) or strategy:key=value,...",
+    )
+    ap.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="do not add the mandatory controls (smoke tests only)",
+    )
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--tokens-per-domain", type=int, required=True,
-                    help="training budget per domain, in chunk tokens, the same for everyone")
+    ap.add_argument(
+        "--tokens-per-domain",
+        type=int,
+        required=True,
+        help="training budget per domain, in chunk tokens, the same for everyone",
+    )
     ap.add_argument("--eval-tokens", type=int, default=40_000)
     ap.add_argument("--general-tokens", type=int, default=40_000)
-    ap.add_argument("--train-slack", type=float, default=1.1,
-                    help="training slice size / budget (>1: no chunk is seen twice)")
+    ap.add_argument(
+        "--train-slack",
+        type=float,
+        default=1.1,
+        help="training slice size / budget (>1: no chunk is seen twice)",
+    )
     ap.add_argument("--data-seed", type=int, default=1234)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a common TrainingConfig field for every variant")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a common TrainingConfig field for every variant",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     ap.add_argument("--keep-lineages", action="store_true")
@@ -235,8 +257,15 @@ def main(argv: list[str] | None = None) -> dict:
     domains = []
     for spec in [s for s in args.domains.split(",") if s.strip()]:
         name, path = _domain_path(spec, args.data_dir)
-        meta = slice_domain(path, out / "data", name, tokenizer,
-                            int(chunk_tokens * args.train_slack), args.eval_tokens, args.data_seed)
+        meta = slice_domain(
+            path,
+            out / "data",
+            name,
+            tokenizer,
+            int(chunk_tokens * args.train_slack),
+            args.eval_tokens,
+            args.data_seed,
+        )
         domains.append(meta)
     general = (
         str(slice_general(args.general, out / "data", tokenizer, args.general_tokens))
@@ -280,8 +309,11 @@ def main(argv: list[str] | None = None) -> dict:
     def record(m: dict) -> dict:
         runs.append(m)
         setup["wall_s"] = time.perf_counter() - started
-        print(f"[{len(runs)}/{len(jobs)}] {m['variant']} seed {m['seed']}: "
-              f"FR {m['forgetting_rate']} wall {m['wall_s']:.0f}s", flush=True)
+        print(
+            f"[{len(runs)}/{len(jobs)}] {m['variant']} seed {m['seed']}: "
+            f"FR {m['forgetting_rate']} wall {m['wall_s']:.0f}s",
+            flush=True,
+        )
         # plots at most once a minute while running (resumed runs come back at once)
         draw = len(runs) == len(jobs) or time.perf_counter() - last_draw[0] > 60
         if draw:

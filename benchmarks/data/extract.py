@@ -93,7 +93,10 @@ def computing(out: Path, max_bytes: int):
 # -- the King James Bible through the bible-kjv program ---------------------------------
 def scripture(out: Path, max_bytes: int):
     text = subprocess.run(
-        ["bible", "-l0", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True,
+        ["bible", "-l0", "Gen1:1-Rev22:21"],
+        capture_output=True,
+        text=True,
+        check=True,
         stdin=subprocess.DEVNULL,
     ).stdout
 

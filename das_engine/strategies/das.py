@@ -18,7 +18,7 @@ from das_engine.contrastive import info_nce
 from das_engine.objective import IGNORE, lm_forward, mean_pool
 from das_engine.softmask import SoftMask
 from das_engine.strategies.base import StageContext, Strategy
-from das_engine.units import gates_attached
+from das_engine.units import UNIT_KINDS, gates_attached
 
 
 class DAS(Strategy):
@@ -30,13 +30,18 @@ class DAS(Strategy):
         if ctx.accumulated is not None and ctx.config.importance_control == "permuted":
             ctx.accumulated = ctx.accumulated.permuted(ctx.config.seed)
         self.mask = (
-            SoftMask(ctx.unit_map, ctx.accumulated, ctx.config.mask_mode)
+            SoftMask(
+                ctx.unit_map,
+                ctx.accumulated,
+                ctx.config.mask_mode,
+                UNIT_KINDS + ctx.config.extra_unit_kinds(),
+            )
             if ctx.accumulated is not None
             else None
         )
         device = next(ctx.model.parameters()).device
         self.prev_gates = (
-            {k: v.to(device) for k, v in ctx.accumulated.values.items()}
+            {k: ctx.accumulated.values[k].to(device) for k in UNIT_KINDS}
             if ctx.accumulated is not None
             else None
         )
