@@ -8,8 +8,9 @@
         --out benchmarks/out/continual
 
 The controls are always added (``--no-controls`` drops them, for smoke tests only): DAS
-with importance permuted onto random units, NCL at learning rate x1, x0.5, x0.25, x0.1,
-DAS with update and gradient masking, and the paper / one-sided / rank normalisations.
+with importance permuted onto random units and NCL at learning rate x1, x0.5, x0.25, x0.1;
+unless ``--no-studies``, also DAS with gradient masking and the one-sided / rank
+normalisations.
 
 Data: each domain file is cut once, by document, into a training slice of about
 ``--tokens-per-domain`` x ``--train-slack`` tokens and a disjoint held-out slice of about
@@ -190,6 +191,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated variants (see variants.py) or strategy:key=value,...",
     )
     ap.add_argument(
+        "--no-studies",
+        action="store_true",
+        help="add only the required controls (das, das_permuted, NCL's learning-rate sweep), "
+        "not the mask-mode and normalisation studies (a costly base)",
+    )
+    ap.add_argument(
         "--no-controls",
         action="store_true",
         help="do not add the mandatory controls (smoke tests only)",
@@ -248,7 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(base_info.path)
     common = common_config(args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    variants = expand([s for s in args.strategies.split(",") if s.strip()], not args.no_controls)
+    variants = expand(
+        [s for s in args.strategies.split(",") if s.strip()],
+        not args.no_controls,
+        not args.no_studies,
+    )
     for v in variants:  # fail fast on a bad field, before hours of training
         TrainingConfig.from_dict(v.config(common, seeds[0]))
 

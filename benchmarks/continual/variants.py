@@ -2,9 +2,9 @@
 
 Every variant of a benchmark gets the same data, seeds and token budget; a variant only
 names what differs from the common configuration. The controls the issue asks for are
-always added (see :func:`expand`): DAS with importance permuted onto random units, NCL's
-learning-rate sweep (its frontier of forgetting against new-domain learning), DAS with
-gradient masking next to update masking, and the normalisation variants.
+always added (see :func:`expand`): DAS with importance permuted onto random units and NCL's
+learning-rate sweep (its frontier of forgetting against new-domain learning); by default
+also DAS with gradient masking and the normalisation variants (the studies).
 """
 
 from __future__ import annotations
@@ -110,6 +110,40 @@ KNOWN: dict[str, Variant] = {
             note="DAS with embeddings and LayerNorms frozen",
         ),
         Variant(
+            "das_emb_ln",
+            "das",
+            {
+                "mask_mode": "update",
+                "normalization": "paper",
+                "mask_embeddings": True,
+                "mask_layernorm": True,
+            },
+            note="DAS also soft-masking embedding rows (per-token importance) and norm elements",
+        ),
+        Variant(
+            "das_emb_ln_permuted",
+            "das",
+            {
+                "mask_mode": "update",
+                "normalization": "paper",
+                "mask_embeddings": True,
+                "mask_layernorm": True,
+                "importance_control": "permuted",
+            },
+            note="control for das_emb_ln",
+        ),
+        Variant(
+            "das_emb_ln_rank",
+            "das",
+            {
+                "mask_mode": "update",
+                "normalization": "rank",
+                "mask_embeddings": True,
+                "mask_layernorm": True,
+            },
+            note="das_emb_ln with rank-quantile normalisation",
+        ),
+        Variant(
             "das_no_contrast",
             "das",
             {"mask_mode": "update", "normalization": "paper", "contrast_weight": 0.0},
@@ -150,14 +184,10 @@ KNOWN: dict[str, Variant] = {
     )
 }
 
-CONTROLS = (
-    "das_permuted",
-    *(_ncl(s).name for s in NCL_LR_SWEEP),
-    "das",
-    "das_gradient",
-    "das_one_sided",
-    "das_rank",
-)
+#: what the issue requires next to any variant: DAS, its random-unit control, NCL's frontier
+CONTROLS = ("das_permuted", *(_ncl(s).name for s in NCL_LR_SWEEP), "das")
+#: the mask-mode and normalisation studies, added unless ``studies`` is off
+STUDIES = ("das_gradient", "das_one_sided", "das_rank")
 
 
 def parse(spec: str) -> Variant:
@@ -185,9 +215,11 @@ def _value(raw: str):
     return raw
 
 
-def expand(specs: list[str], controls: bool = True) -> list[Variant]:
-    """The requested variants plus (unless ``controls`` is off) the mandatory controls."""
+def expand(specs: list[str], controls: bool = True, studies: bool = True) -> list[Variant]:
+    """The requested variants plus (unless ``controls`` is off) the mandatory controls and
+    (unless ``studies`` is off too) the mask-mode and normalisation studies."""
     names = list(specs) + (list(CONTROLS) if controls else [])
+    names += list(STUDIES) if controls and studies else []
     out: dict[str, Variant] = {}
     for spec in names:
         v = parse(spec)

@@ -39,6 +39,8 @@ def test_controls_are_always_added():
         "das_rank",
     } <= set(names)
     assert [v.name for v in expand(["ncl", "ewc"], controls=False)] == ["ncl", "ewc"]
+    lean = [v.name for v in expand(["das_emb_ln"], studies=False)]
+    assert set(CONTROLS) <= set(lean) and not {"das_gradient", "das_rank"} & set(lean)
     adhoc = expand(["das:mask_mode=gradient,lr_scale=0.5"], controls=False)[0]
     assert adhoc.overrides == {"mask_mode": "gradient"} and adhoc.lr_scale == 0.5
 
