@@ -138,7 +138,7 @@ def importance_summary(rs: list[dict]) -> list[dict] | None:
     out = []
     for t in range(len(rs[0]["importance"])):
         stage = {}
-        for kind in ("head", "intermediate", "output"):
+        for kind in ("head", "intermediate", "output", "embedding", "layernorm"):
             acc = [((r["importance"][t] or {}).get("accumulated") or {}).get(kind) for r in rs]
             acc = [a for a in acc if a]
             if acc:
