@@ -68,6 +68,9 @@ class Settings(BaseSettings):
 
     # -- worker --------------------------------------------------------------------------
     lease_seconds: float = Field(60.0, validation_alias=_env("DAS_LEASE_SECONDS", "lease_seconds"))
+    # a job whose worker died this many times (kill -9, the kernel's OOM killer, a node
+    # lost) fails with error.code "worker_lost" instead of killing the next worker too
+    max_attempts: int = Field(3, ge=1, validation_alias=_env("DAS_MAX_ATTEMPTS", "max_attempts"))
     event_every_steps: int = Field(
         10, validation_alias=_env("DAS_EVENT_EVERY_STEPS", "event_every_steps")
     )

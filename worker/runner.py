@@ -127,6 +127,23 @@ class JobRunner:
                 return "cancelled"
             if job.status == JOB_QUEUED and not is_runnable(session, job):
                 return "blocked"  # sent again when the stage before it finishes
+            if (
+                job.status == JOB_RUNNING
+                and expired
+                and (job.attempts or 0) >= self.settings.max_attempts
+            ):
+                message = (
+                    f"the worker running this job stopped without a word {job.attempts} times "
+                    "(killed, out of memory, machine lost); not retried again"
+                )
+                finish_job(
+                    session,
+                    job,
+                    JOB_FAILED,
+                    error={"code": "worker_lost", "message": message, "phase": job.phase},
+                    message=f"failed: {message}",
+                )
+                return "failed (worker_lost)"
             result = session.execute(
                 update(Job)
                 .where(

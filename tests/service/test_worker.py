@@ -146,6 +146,29 @@ def test_a_live_lease_is_not_taken_but_an_expired_one_is_resumed(env):
     assert "resumed" in [e.type for e in _events(app, job_id)]
 
 
+def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(env):
+    """A poison job (its worker killed by the OOM killer every time) must not loop forever."""
+    settings, app, client, runner, _ = env
+    owner = new_owner(app)
+    lineage = create_lineage(client, owner).json()["id"]
+    job_id = add_domain(client, owner, lineage, "news")
+    queued_behind = add_domain(client, owner, lineage, "law")
+    factory = app.state.session_factory
+    with factory() as session, session.begin():
+        job = session.get(Job, job_id)
+        job.status, job.claim_token = "running", "a-dead-worker"
+        job.attempts = settings.max_attempts
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+    assert runner.run(job_id) == "failed (worker_lost)"
+    job = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
+    assert job["status"] == "failed" and job["attempts"] == settings.max_attempts
+    assert job["error"]["code"] == "worker_lost"
+    assert str(settings.max_attempts) in job["error"]["message"]
+    behind = client.get(f"/v1/jobs/{queued_behind}", headers=owner.headers).json()
+    assert behind["status"] == "cancelled"  # stages queued behind a failure are cancelled
+    assert runner.run(job_id).startswith("not_claimable")
+
+
 def test_cancel_mid_training(env):
     settings, app, client, runner, _ = env
     owner = new_owner(app)
