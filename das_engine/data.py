@@ -114,6 +114,8 @@ def _iter_lines(fh, report: CorpusReport, max_line_chars: int) -> Iterator[tuple
             yield number, None
             continue
         text = text.rstrip("\r\n")
+        if number == 1 and text.startswith("\ufeff"):  # a byte-order mark (Windows editors)
+            text = text[1:]
         if len(text) > max_line_chars:
             report.add(number, f"line longer than {max_line_chars} characters")
             yield number, None

@@ -30,6 +30,20 @@ def test_jsonl_and_gzip(tmp_path):
     assert report.ok and report.documents == 2 and report.compressed and report.format == "jsonl"
 
 
+def test_a_byte_order_mark_is_ignored(tmp_path):
+    """Windows editors save UTF-8 with a BOM: JSON must still parse, text must not keep it."""
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "alpha"}\n{"text": "beta"}\n')
+    assert validate_corpus(jsonl).ok
+    assert list(iter_documents(jsonl)) == ["alpha", "beta"]
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes("\ufeffcaf\u00e9 au lait\n\nsecond\n".encode())
+    assert list(iter_documents(txt)) == ["caf\u00e9 au lait", "second"]
+    later = tmp_path / "late.jsonl"  # a BOM anywhere else is data, and invalid JSON
+    later.write_bytes(b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    assert not validate_corpus(later).ok
+
+
 def test_validation_reports_line_numbers(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n{"text": \n{"body": "x"}\n{"text": 5}\n')
