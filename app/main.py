@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import make_engine, make_read_session_factory, make_session_factory
 from app.problems import PROBLEM_JSON, install_problem_handlers, problem_response
-from app.ratelimit import TokenBucket
+from app.ratelimit import make_rate_limiter
 from app.routes import corpora, health, jobs, lineages
 from app.settings import Settings, get_settings
 
@@ -167,10 +167,8 @@ def create_app(
         broker_ping = broker_ping or dispatcher.ping
     app.state.enqueue = enqueue
     app.state.broker_ping = broker_ping
-    app.state.rate_limiter = (
-        TokenBucket(settings.rate_limit_per_minute, settings.rate_limit_burst)
-        if settings.rate_limit_per_minute > 0
-        else None
+    app.state.rate_limiter = make_rate_limiter(
+        settings.rate_limit_per_minute, settings.rate_limit_burst, settings.celery_broker_url
     )
     install_problem_handlers(app)
     for router in (health.router, lineages.router, corpora.router, jobs.router):
