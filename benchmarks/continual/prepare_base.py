@@ -210,8 +210,19 @@ def main(argv: list[str] | None = None) -> dict:
         "model": str(out / "model"),
         "general_eval": str(eval_txt),
         "architecture": model.config.model_type,
-        "init": str(args.init) if args.init else None,
-        "head_steps": args.head_steps,
+        # over all rounds: where the first round started, how many head-only steps in all
+        "init": (previous or {}).get("init", str(args.init) if args.init else None),
+        "head_steps": args.head_steps + (previous or {}).get("head_steps", 0),
+        "round_summaries": (previous or {}).get("round_summaries", [])
+        + [
+            {
+                "init": str(args.init) if args.init else None,
+                "lr": args.lr,
+                "head_steps": args.head_steps,
+                "steps": step - (previous or {}).get("steps", 0),
+                "final_eval_loss": final,
+            }
+        ],
         "head_parameters": sorted(head_names),
         "hidden": args.hidden,
         "layers": args.layers,
