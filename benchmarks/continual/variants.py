@@ -133,6 +133,18 @@ KNOWN: dict[str, Variant] = {
             note="control for das_emb_ln",
         ),
         Variant(
+            "das_emb",
+            "das",
+            {"mask_mode": "update", "normalization": "paper", "mask_embeddings": True},
+            note="DAS also soft-masking embedding rows (per-token importance); norms free",
+        ),
+        Variant(
+            "das_ln",
+            "das",
+            {"mask_mode": "update", "normalization": "paper", "mask_layernorm": True},
+            note="DAS also soft-masking norm elements; embeddings free",
+        ),
+        Variant(
             "das_emb_ln_rank",
             "das",
             {
