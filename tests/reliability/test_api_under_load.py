@@ -16,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
+from app.cli import KEEP_ALIVE_S
 from app.lifecycle import add_event
 from tests.service.conftest import add_domain, create_lineage
 
@@ -31,8 +32,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _poll_all(url: str, key: str, job_id: int) -> list[int]:
-    async def poller() -> list[int]:
+async def _poll_all(url: str, key: str, job_id: int) -> list[int | str]:
+    async def poller() -> list[int | str]:
         codes = []
         async with httpx.AsyncClient(
             base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60
@@ -41,8 +42,8 @@ async def _poll_all(url: str, key: str, job_id: int) -> list[int]:
                 for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events?limit=50"):
                     try:
                         codes.append((await http.get(path)).status_code)
-                    except httpx.HTTPError:
-                        codes.append(0)
+                    except httpx.HTTPError as exc:  # named, so a failure says what happened
+                        codes.append(type(exc).__name__)
         return codes
 
     results = await asyncio.gather(*(poller() for _ in range(CLIENTS)))
@@ -57,7 +58,16 @@ def test_two_hundred_concurrent_pollers_all_get_answers(api, client, alice):
             add_event(session, job_id, "progress", f"step {i}", data={"step": i})
     port = _free_port()
     server = uvicorn.Server(
-        uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        # the keep-alive time-out `das-service serve` uses: with uvicorn's 5 s, a poller whose
+        # next request comes 5 s later on a loaded machine races the server closing it
+        uvicorn.Config(
+            api,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -44,6 +44,13 @@ def test_upload_txt_reports_bytes_sha256_documents(client, alice, settings):
     assert client.get(f"/v1/corpora/{body['id']}", headers=alice.headers).json() == body
 
 
+def test_a_jsonl_file_saved_with_a_byte_order_mark_is_accepted(client, alice):
+    data = b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n'
+    response = upload(client, alice, "windows.jsonl", data)
+    assert response.status_code == 201, response.text
+    assert response.json()["documents"] == 2
+
+
 def test_upload_jsonl_and_gzip(client, alice):
     lines = b"".join(
         json.dumps({"text": f"document {i} about law"}).encode() + b"\n" for i in range(7)
