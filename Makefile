@@ -47,7 +47,7 @@ bench-base: install
 bench-continual: install
 	$(PY) -m benchmarks.continual.run --domains scripture,postgres,computing \
 	  --base $(BENCH_BASE)/model --general $(BENCH_BASE)/general_eval.txt \
-	  --strategies das_emb_ln,das_emb_ln_permuted,replay,ewc,das_emb,das_ln --no-studies \
+	  --strategies das_emb_ln,das_emb_ln_permuted,das_emb,das_ln,replay --no-studies \
 	  --seeds 0,1,2 --tokens-per-domain 32768 --eval-tokens 8000 --general-tokens 8000 \
 	  --set learning_rate=2e-4 --set batch_size=8 --set eval_max_batches=8 \
 	  --set importance_max_batches=8 --set contrast_weight=0.0 \
