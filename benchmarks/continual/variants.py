@@ -21,9 +21,14 @@ class Variant:
     note: str = ""
 
     def config(self, common: dict, seed: int) -> dict:
-        # DAS variants pin the paper's lambda = 1 unless they say otherwise, so results do
-        # not move when the engine's default changes
-        paper = {"contrast_weight": 1.0} if self.strategy == "das" else {}
+        # DAS variants pin the paper's lambda = 1 and the paper's units (no embedding rows,
+        # no norms) unless they say otherwise, so results do not move when the engine's
+        # defaults change
+        paper = (
+            {"contrast_weight": 1.0, "mask_embeddings": False, "mask_layernorm": False}
+            if self.strategy == "das"
+            else {}
+        )
         cfg = {**paper, **common, **self.overrides, "strategy": self.strategy, "seed": seed}
         cfg["learning_rate"] = common.get("learning_rate", 1e-4) * self.lr_scale
         return cfg

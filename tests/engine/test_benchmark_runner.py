@@ -39,6 +39,19 @@ def test_controls_are_always_added():
         "das_rank",
     } <= set(names)
     assert [v.name for v in expand(["ncl", "ewc"], controls=False)] == ["ncl", "ewc"]
+    # DAS variants pin the paper's objective and units whatever the engine's defaults are
+    das = expand(["das"], controls=False)[0].config({}, seed=0)
+    assert (das["contrast_weight"], das["mask_embeddings"], das["mask_layernorm"]) == (
+        1.0,
+        False,
+        False,
+    )
+    emb = expand(["das_emb"], controls=False)[0].config({"contrast_weight": 0.0}, seed=0)
+    assert (emb["contrast_weight"], emb["mask_embeddings"], emb["mask_layernorm"]) == (
+        0.0,
+        True,
+        False,
+    )
     lean = [v.name for v in expand(["das_emb_ln"], studies=False)]
     assert set(CONTROLS) <= set(lean) and not {"das_gradient", "das_rank"} & set(lean)
     adhoc = expand(["das:mask_mode=gradient,lr_scale=0.5"], controls=False)[0]

@@ -170,13 +170,16 @@ def test_config_rejects_non_boolean_switches():
         "embedding",
         "layernorm",
     )
-    assert TrainingConfig().extra_unit_kinds() == ()
+    assert TrainingConfig().extra_unit_kinds() == ("embedding", "layernorm")  # the default
+    paper = TrainingConfig(mask_embeddings=False, mask_layernorm=False)
+    assert paper.extra_unit_kinds() == ()
 
 
 def test_lineage_measures_and_protects_extra_kinds(tmp_path, corpora):
     """Stage 1 without extra kinds, stage 2 with: the general importance is re-measured
     with them, and the embedding rows protected most move least in stage 2."""
-    lin = Lineage.create(tmp_path / "x", "tiny-roberta", TINY_CONFIG)
+    paper = {**TINY_CONFIG, "mask_embeddings": False, "mask_layernorm": False}
+    lin = Lineage.create(tmp_path / "x", "tiny-roberta", paper)
     lin.add_domain(corpora[0], "legal")
     s1 = lin.stages[0]
     assert Importance.load(s1.importance_dir / "accumulated.safetensors").kinds == set(UNIT_KINDS)
