@@ -30,7 +30,7 @@ bench-step-cost: install
 	$(PY) benchmarks/step_cost.py
 
 # The continual-learning benchmark on the pretrained MiniLM base (docs/benchmark.md):
-# data (~1 min after apt), base (~30 min on 2 CPU cores), benchmark (~90 min on 2 cores).
+# data (~1 min after apt), base (~30 min on 2 CPU cores), benchmark (~2 h on 2 cores).
 BENCH_BASE ?= $(HOME)/.cache/das-engine/bench-base-minilm
 BENCH_OUT ?= benchmarks/out/continual-minilm
 
