@@ -72,14 +72,13 @@ class RedisTokenBucket:
         self.prefix = prefix
         self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self._script = self._client.register_script(_TAKE)
+        self._errors = redis.RedisError
         self._warned = 0.0
 
     def take(self, key: int) -> float:
-        import redis
-
         try:
             return float(self._script(keys=[f"{self.prefix}:{key}"], args=[self.rate, self.burst]))
-        except redis.RedisError as exc:
+        except self._errors as exc:
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
                 log.warning("rate limiter: Redis unreachable, not limiting: %s", exc)

@@ -50,132 +50,90 @@ def _ncl(scale: float) -> Variant:
     return Variant(name, "ncl", lr_scale=scale, note=f"NCL, learning rate x{scale:g}")
 
 
+def _das(name: str, note: str, **overrides) -> Variant:
+    """A DAS variant: update masking and the paper's normalisation unless it says otherwise."""
+    return Variant(
+        name, "das", {"mask_mode": "update", "normalization": "paper", **overrides}, note=note
+    )
+
+
 KNOWN: dict[str, Variant] = {
     v.name: v
     for v in (
         *(_ncl(s) for s in NCL_LR_SWEEP),
         Variant("one", "one", note="each domain trained from the base"),
-        Variant(
-            "das",
-            "das",
-            {"mask_mode": "update", "normalization": "paper"},
-            note="DAS, update masking, paper normalisation |tanh(z)|",
-        ),
-        Variant(
+        _das("das", "DAS, update masking, paper normalisation |tanh(z)|"),
+        _das(
             "das_permuted",
-            "das",
-            {"mask_mode": "update", "normalization": "paper", "importance_control": "permuted"},
-            note="control: das with importance shuffled onto random units",
+            "control: das with importance shuffled onto random units",
+            importance_control="permuted",
         ),
-        Variant(
-            "das_gradient",
-            "das",
-            {"mask_mode": "gradient", "normalization": "paper"},
-            note="DAS, gradient masking (the paper's rule)",
-        ),
-        Variant(
-            "das_one_sided",
-            "das",
-            {"mask_mode": "update", "normalization": "one_sided"},
-            note="DAS, update masking, tanh(max(z, 0))",
-        ),
-        Variant(
+        _das("das_gradient", "DAS, gradient masking (the paper's rule)", mask_mode="gradient"),
+        _das("das_one_sided", "DAS, update masking, tanh(max(z, 0))", normalization="one_sided"),
+        _das(
             "das_one_sided_permuted",
-            "das",
-            {"mask_mode": "update", "normalization": "one_sided", "importance_control": "permuted"},
-            note="control for das_one_sided",
+            "control for das_one_sided",
+            normalization="one_sided",
+            importance_control="permuted",
         ),
-        Variant(
-            "das_rank",
-            "das",
-            {"mask_mode": "update", "normalization": "rank"},
-            note="DAS, update masking, rank quantile",
-        ),
-        Variant(
+        _das("das_rank", "DAS, update masking, rank quantile", normalization="rank"),
+        _das(
             "das_rank_permuted",
-            "das",
-            {"mask_mode": "update", "normalization": "rank", "importance_control": "permuted"},
-            note="control for das_rank",
+            "control for das_rank",
+            normalization="rank",
+            importance_control="permuted",
         ),
-        Variant(
+        _das(
             "das_freeze_emb",
-            "das",
-            {"mask_mode": "update", "normalization": "paper", "freeze_embeddings": True},
-            note="DAS with the word embeddings (tied to the LM head) frozen",
+            "DAS with the word embeddings (tied to the LM head) frozen",
+            freeze_embeddings=True,
         ),
-        Variant(
+        _das(
             "das_freeze_emb_ln",
-            "das",
-            {
-                "mask_mode": "update",
-                "normalization": "paper",
-                "freeze_embeddings": True,
-                "freeze_layernorm": True,
-            },
-            note="DAS with embeddings and LayerNorms frozen",
+            "DAS with embeddings and LayerNorms frozen",
+            freeze_embeddings=True,
+            freeze_layernorm=True,
         ),
-        Variant(
+        _das(
             "das_emb_ln",
-            "das",
-            {
-                "mask_mode": "update",
-                "normalization": "paper",
-                "mask_embeddings": True,
-                "mask_layernorm": True,
-            },
-            note="DAS also soft-masking embedding rows (per-token importance) and norm elements",
+            "DAS also soft-masking embedding rows (per-token importance) and norm elements",
+            mask_embeddings=True,
+            mask_layernorm=True,
         ),
-        Variant(
+        _das(
             "das_emb_ln_permuted",
-            "das",
-            {
-                "mask_mode": "update",
-                "normalization": "paper",
-                "mask_embeddings": True,
-                "mask_layernorm": True,
-                "importance_control": "permuted",
-            },
-            note="control for das_emb_ln",
+            "control for das_emb_ln",
+            mask_embeddings=True,
+            mask_layernorm=True,
+            importance_control="permuted",
         ),
-        Variant(
+        _das(
             "das_emb",
-            "das",
-            {"mask_mode": "update", "normalization": "paper", "mask_embeddings": True},
-            note="DAS also soft-masking embedding rows (per-token importance); norms free",
+            "DAS also soft-masking embedding rows (per-token importance); norms free",
+            mask_embeddings=True,
         ),
-        Variant(
+        _das(
             "das_ln",
-            "das",
-            {"mask_mode": "update", "normalization": "paper", "mask_layernorm": True},
-            note="DAS also soft-masking norm elements; embeddings free",
+            "DAS also soft-masking norm elements; embeddings free",
+            mask_layernorm=True,
         ),
-        Variant(
+        _das(
             "das_emb_ln_rank",
-            "das",
-            {
-                "mask_mode": "update",
-                "normalization": "rank",
-                "mask_embeddings": True,
-                "mask_layernorm": True,
-            },
-            note="das_emb_ln with rank-quantile normalisation",
+            "das_emb_ln with rank-quantile normalisation",
+            normalization="rank",
+            mask_embeddings=True,
+            mask_layernorm=True,
         ),
-        Variant(
+        _das(
             "das_no_contrast",
-            "das",
-            {"mask_mode": "update", "normalization": "paper", "contrast_weight": 0.0},
-            note="DAS soft-masking only (lambda = 0)",
+            "DAS soft-masking only (lambda = 0)",
+            contrast_weight=0.0,
         ),
-        Variant(
+        _das(
             "das_no_contrast_permuted",
-            "das",
-            {
-                "mask_mode": "update",
-                "normalization": "paper",
-                "contrast_weight": 0.0,
-                "importance_control": "permuted",
-            },
-            note="control for das_no_contrast",
+            "control for das_no_contrast",
+            contrast_weight=0.0,
+            importance_control="permuted",
         ),
         Variant(
             "ncl_freeze_emb",

@@ -201,10 +201,12 @@ def test_lineage_measures_and_protects_extra_kinds(tmp_path, corpora):
         assert v.std() > 0
         assert torch.equal(v, torch.maximum(acc2.values[k], dom2.values[k]))
     # the stage-2 mask used EMax(general, I(1)); rows it protected most moved least
+    acc1 = general.emax(Importance.load(s1.importance_dir / "domain.safetensors"))
+    for k in EXTRA_KINDS:  # I_acc(2) = EMax(EMax(I_general, I(1)), I(2)), exactly
+        assert torch.equal(acc2.values[k], torch.maximum(acc1.values[k], dom2.values[k]))
     w2 = load_file(str(s2.model_dir / "model.safetensors"))[
         "roberta.embeddings.word_embeddings.weight"
     ]
-    acc1 = general.emax(Importance.load(s1.importance_dir / "domain.safetensors"))
     imp_rows = acc1.values["embedding"][0]
     change = (w2 - w1).norm(dim=1)
     hi, lo = imp_rows > imp_rows.quantile(0.9), imp_rows < imp_rows.quantile(0.1)
