@@ -30,7 +30,9 @@ from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
-REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 11
+# DAS_TEST_REDIS_DB lets two test sessions on one machine use separate Redis databases
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_DB = int(os.environ.get("DAS_TEST_REDIS_DB", "11"))
 
 # Hyper-parameters small enough for a CPU test (a stage takes seconds).
 TINY_HP = {
