@@ -86,15 +86,36 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, tot
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """HF gradient checkpointing, non-reentrant: the recomputed forward runs the same
-    forward hooks (DAS gates) and keeps the dropout RNG, so gradients are unchanged."""
+    forward hooks (DAS gates) and keeps the dropout RNG, so gradients are unchanged.
+    (transformers >= 5.x names it ``activation_checkpointing_enable``; older ones
+    ``gradient_checkpointing_enable``.)"""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise IncompatibleConfigError(
             f"gradient_checkpointing is not supported by {type(model).__name__}",
-            details=[{"field": "gradient_checkpointing", "message": "not supported by this model"}],
+            details=[
+                {"field": "gradient_checkpointing", "message": "not supported by this model"}
+            ],
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache is useless in training and clashes
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def gradient_checkpointing_active(model: nn.Module) -> bool:
+    if hasattr(model, "activation_checkpointing_disable"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
 
 
 def total_steps(config: TrainingConfig, n_train: int) -> int:
@@ -248,7 +269,7 @@ class Trainer:
             return self._run()
         finally:
             if self.config.gradient_checkpointing:
-                self.unwrapped_model.gradient_checkpointing_disable()
+                disable_gradient_checkpointing(self.unwrapped_model)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
