@@ -92,9 +92,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise IncompatibleConfigError(
             f"gradient_checkpointing is not supported by {type(model).__name__}",
-            details=[
-                {"field": "gradient_checkpointing", "message": "not supported by this model"}
-            ],
+            details=[{"field": "gradient_checkpointing", "message": "not supported by the model"}],
         )
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
