@@ -149,9 +149,16 @@ def list_events(
             if start >= (newest or 0):
                 return Response(status_code=204)  # EventSource: do not reconnect
         settings = request.app.state.settings
+        # the session's pooled connection goes back now, not when the stream ends: N open
+        # streams would otherwise hold N connections and starve every other request
+        session.close()
         return StreamingResponse(
             _stream(
-                request.app.state.job_watcher, job.id, start, settings.stream_keepalive_seconds
+                request.app.state.job_watcher,
+                job.id,
+                start,
+                settings.stream_keepalive_seconds,
+                settings.stream_max_seconds,
             ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

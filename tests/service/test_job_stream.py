@@ -229,3 +229,22 @@ def test_a_stream_of_a_running_job_closes_after_the_max_time_without_end(
     assert time.monotonic() - started < 10
     assert "end" not in [k for k, _, _ in got]  # not finished: the client reconnects
     assert [d["status"] for k, _, d in got if k == "job"] == ["running"]
+
+
+def test_open_streams_hold_no_database_connection(api, client, alice, job_id) -> None:  # noqa: ANN001
+    """More open streams than the connection pool has connections: reads still answer."""
+    _set_job(api, job_id, status=JOB_RUNNING, phase="training")
+    pool = api.state.engine.pool
+    streams = [
+        client.stream("GET", f"/v1/jobs/{job_id}/events?stream=true", headers=alice.headers)
+        for _ in range(pool.size() + 5)
+    ]
+    opened = [s.__enter__() for s in streams]
+    try:
+        assert all(r.status_code == 200 for r in opened)
+        assert client.get(f"/v1/jobs/{job_id}", headers=alice.headers).status_code == 200
+        assert pool.checkedout() <= 2
+    finally:
+        _set_job(api, job_id, status=JOB_SUCCEEDED, progress=1.0)
+        for s in streams:
+            s.__exit__(None, None, None)
