@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from das_engine import quiet_libraries
 from das_engine.errors import BaseModelError, UnsupportedArchitectureError
 from das_engine.units import FAMILIES, supported_model_types
 
@@ -284,6 +285,7 @@ def resolve_base(
 def load_tokenizer(path: Path | str):
     from transformers import AutoTokenizer
 
+    quiet_libraries()
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -291,6 +293,7 @@ def load_model(path: Path | str):
     """Load an LM with the head its family trains (MLM or causal)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    quiet_libraries()
     config = AutoConfig.from_pretrained(str(path))
     family = FAMILIES.get(config.model_type)
     if family is None:
