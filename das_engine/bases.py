@@ -164,6 +164,7 @@ def build_tiny_model(
             resid_pdrop=dropout,
             embd_pdrop=dropout,
             attn_pdrop=dropout,
+            summary_first_dropout=dropout,
             **common,
         )
         return AutoModelForCausalLM.from_config(config)
