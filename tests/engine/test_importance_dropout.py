@@ -218,3 +218,30 @@ def test_importance_dropout_is_validated(value):
     with pytest.raises(ConfigError, match="importance_dropout"):
         TrainingConfig(importance_dropout=value)
     assert TrainingConfig(importance_dropout=0.9).importance_dropout == 0.9
+
+
+@pytest.mark.parametrize("config_name", ["MistralConfig", "Qwen2Config"])
+def test_other_dropout_free_decoder_families_get_non_trivial_importance(
+    config_name, decoder_tokenizer
+):
+    import transformers
+
+    config = getattr(transformers, config_name)(
+        vocab_size=len(decoder_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=decoder_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert native_dropout(model) == 0.0  # as shipped: no dropout anywhere
+    um = build_unit_map(model)
+    batch = make_batch(decoder_tokenizer, [LEGAL, COOKING, LEGAL[40:], COOKING[30:]])
+    torch.manual_seed(0)
+    imp = general_importance(model, um, [batch])
+    for kind in UNIT_KINDS:
+        assert torch.isfinite(imp.values[kind]).all() and imp.values[kind].std() > 0.05, kind
