@@ -371,6 +371,7 @@ class Lineage:
                             batches,
                             cfg.normalization,
                             extra,
+                            dropout=cfg.importance_dropout,
                         )
                     general.save(general_path, "general", {"normalization": cfg.normalization})
                 accumulated = general
