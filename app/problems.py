@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.storable import scrub
+
 log = logging.getLogger("das.api")
 
 PROBLEM_JSON = "application/problem+json"
@@ -65,7 +67,8 @@ def problem_body(
     if errors:
         body["errors"] = errors
     body.update(extensions)
-    return body
+    # an error may quote the input that caused it: keep the answer strict UTF-8 JSON
+    return scrub(body)
 
 
 def problem_response(

@@ -6,15 +6,19 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from app import quotas
 from app.auth import Principal, authenticate, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
+from app.idempotency import HEADER
 from app.models import Corpus
 from app.presenters import corpus_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, paginate
 from app.ratelimit import write_access
 from app.schemas import CorpusOut, Page
+from app.storable import encode_json
 from app.uploads import MultipartResult
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
@@ -65,12 +69,24 @@ async def upload_corpus(
             )
         fmt, compressed, report = validate_upload(settings, result.file)
         with factory() as session, session.begin():
+            quotas.lock_owner(session, principal.owner)
+            quotas.check_storage(settings, session, principal.owner, adding=result.file.bytes)
             corpus = corpus_row(settings, principal.owner, result.file, fmt, compressed, report)
             session.add(corpus)
             session.flush()
-            return corpus_out(corpus).model_dump(mode="json")
+            answer = corpus_out(corpus).model_dump(mode="json")
+            encode_json(answer)  # the answer can be sent: only then is the row committed
+            return answer
 
+    if HEADER not in request.headers:  # (a replay is answered whatever the usage now)
+        await run_in_threadpool(_storage_left, request, principal.owner)
     return await idempotent_upload(request, principal.owner, 201, handle)
+
+
+def _storage_left(request: Request, owner: str) -> None:
+    """403 before the upload streams in when the owner's quota is already used up."""
+    with request.app.state.read_session_factory() as session:
+        quotas.check_storage(request.app.state.settings, session, owner, adding=0)
 
 
 @router.get("", response_model=Page[CorpusOut], summary="List your corpora")

@@ -15,11 +15,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app import preflight, quotas
 from app.archives import TarPlan, parse_range
 from app.auth import Principal, authenticate, get_session
 from app.base_files import model_files_problem
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
-from app.idempotency import IdempotencyScope, request_hash
+from app.idempotency import HEADER, IdempotencyScope, request_hash
 from app.lifecycle import add_event, is_runnable, mark_enqueued
 from app.models import (
     JOB_QUEUED,
@@ -46,6 +47,7 @@ from app.schemas import (
     Page,
 )
 from app.settings import Settings
+from app.storable import encode_json, json_problems
 from app.storage import resolve_stored
 from app.uploads import MultipartResult
 
@@ -75,11 +77,92 @@ def _hide_models_dir(settings: Settings, message: str) -> str:
     return message
 
 
-def build_lineage(settings: Settings, session: Session, owner: str, body: LineageCreate) -> Lineage:
-    from das_engine.bases import resolve_base
+def training_config(hyper: dict[str, Any], strategy: str) -> Any:
+    """The lineage's ``TrainingConfig``; a 422 naming each bad hyper-parameter."""
     from das_engine.config import TrainingConfig
     from das_engine.errors import DasError
 
+    try:
+        return TrainingConfig.from_dict({**hyper, "strategy": strategy})
+    except DasError as exc:
+        raise Problem(
+            422,
+            exc.code,
+            exc.message,
+            errors=[
+                {"field": f"hyperparameters.{d.get('field')}", "message": d.get("message", "")}
+                for d in exc.details
+            ],
+        ) from exc
+
+
+def resolve_lineage_base(settings: Settings, base_model: str) -> Any:
+    """The base model's ``BaseModelInfo`` (422 when it cannot be found or loaded)."""
+    from das_engine.bases import resolve_base
+    from das_engine.errors import DasError
+
+    _check_base_model_name(base_model, settings.allow_hub)
+    try:
+        info = resolve_base(
+            base_model, settings.models_dir, allow_hub=settings.allow_hub, allow_paths=False
+        )
+    except DasError as exc:
+        message = _hide_models_dir(settings, exc.message)
+        raise Problem(
+            422, exc.code, message, errors=[{"field": "base_model", "message": message}]
+        ) from exc
+    local = info.path and str(info.path) != base_model and Path(info.path).is_dir()
+    problem = model_files_problem(Path(info.path)) if local else None
+    if problem is not None:
+        message = f"base model {base_model!r} cannot be loaded: {problem}"
+        raise Problem(
+            422,
+            "base_model_unloadable",
+            message,
+            errors=[{"field": "base_model", "message": message}],
+        )
+    return info
+
+
+def check_storable_hyperparameters(hyper: dict[str, Any]) -> None:
+    """422 for anything in ``hyperparameters`` the database could not store or a JSON
+    answer could not carry (checked first: even an error message must be able to quote it)."""
+    problems = json_problems(hyper, "hyperparameters")
+    if problems:
+        raise Problem(
+            422,
+            "invalid_hyperparameters",
+            "; ".join(f"{p['field']}: {p['message']}" for p in problems),
+            errors=problems,
+        )
+
+
+def check_corpus_fills(
+    settings: Settings,
+    corpus: Corpus,
+    config: Any,
+    info: Any,
+    *,
+    field: str,
+    need: int,
+) -> preflight.CorpusMeasure:
+    """422 ``corpus_too_small`` unless ``corpus`` fills ``need`` chunks at the config's
+    block size with the base's tokenizer."""
+    tokenizer, lock = preflight.tokenizer_for(str(info.path))
+    path = resolve_stored(settings, corpus.storage_path)
+    measure = preflight.measure_corpus(
+        path, tokenizer, lock, block_size=config.block_size, objective=info.objective, need=need
+    )
+    problem = preflight.corpus_problem(
+        measure, corpus_id=corpus.id, field=field, block_size=config.block_size, need=need
+    )
+    if problem is not None:
+        raise problem
+    return measure
+
+
+def build_lineage(settings: Settings, session: Session, owner: str, body: LineageCreate) -> Lineage:
+    check_storable_hyperparameters(body.hyperparameters)
     hyper = dict(body.hyperparameters)
     if hyper.get("strategy", body.strategy) != body.strategy:
         raise Problem(
@@ -97,40 +180,14 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
             "accelerator); leave it out or set it to 'auto'",
             errors=[{"field": "hyperparameters.device", "message": "must be 'auto'"}],
         )
-    try:
-        TrainingConfig.from_dict({**hyper, "strategy": body.strategy})
-    except DasError as exc:
-        raise Problem(
-            422,
-            exc.code,
-            exc.message,
-            errors=[
-                {"field": f"hyperparameters.{d.get('field')}", "message": d.get("message", "")}
-                for d in exc.details
-            ],
-        ) from exc
-    _check_base_model_name(body.base_model, settings.allow_hub)
-    try:
-        info = resolve_base(
-            body.base_model, settings.models_dir, allow_hub=settings.allow_hub, allow_paths=False
-        )
-    except DasError as exc:
-        message = _hide_models_dir(settings, exc.message)
-        raise Problem(
-            422, exc.code, message, errors=[{"field": "base_model", "message": message}]
-        ) from exc
-    local = info.path and str(info.path) != body.base_model and Path(info.path).is_dir()
-    problem = model_files_problem(Path(info.path)) if local else None
-    if problem is not None:
-        message = f"base model {body.base_model!r} cannot be loaded: {problem}"
-        raise Problem(
-            422,
-            "base_model_unloadable",
-            message,
-            errors=[{"field": "base_model", "message": message}],
-        )
+    config = training_config(hyper, body.strategy)
+    info = resolve_lineage_base(settings, body.base_model)
+    base = preflight.base_config(str(info.path), allow_hub=settings.allow_hub)
+    preflight.check_against_base(settings, config, body.base_model, base)
+    quotas.check_job_tokens(settings, quotas.job_tokens(config))
     if body.general_corpus_id is not None:
-        owned_corpus(session, body.general_corpus_id, owner)
+        general = owned_corpus(session, body.general_corpus_id, owner)
+        check_corpus_fills(settings, general, config, info, field="general_corpus_id", need=1)
     lineage = Lineage(
         owner=owner,
         name=body.name,
@@ -155,10 +212,14 @@ def create_lineage(
     factory = request.app.state.session_factory
     scope = IdempotencyScope.from_request(request, principal.owner)
 
+    check_storable_hyperparameters(body.hyperparameters)  # before it is hashed
+
     def produce() -> dict:
         with factory() as session, session.begin():
             lineage = build_lineage(settings, session, principal.owner, body)
-            return lineage_out(lineage).model_dump(mode="json")
+            answer = lineage_out(lineage).model_dump(mode="json")
+            encode_json(answer)  # the answer can be sent: only then is the row committed
+            return answer
 
     return scope.run(request_hash(scope.endpoint, body.model_dump(mode="json")), 201, produce)
 
@@ -221,6 +282,29 @@ def _check_domain_name_free(session: Session, lineage: Lineage, name: str) -> No
         )
 
 
+def preflight_domain(
+    settings: Settings,
+    lineage: Lineage,
+    corpus: Corpus,
+    eval_corpus: Corpus | None,
+    *,
+    corpus_field: str = "corpus_id",
+) -> None:
+    """What the worker would fail on, checked now: the corpus fills the chunks the engine
+    needs at the lineage's block size, and the job stays within the token quota."""
+    config = training_config(lineage.hyperparameters, lineage.strategy)
+    info = resolve_lineage_base(settings, lineage.base_model)
+    measure = check_corpus_fills(settings, corpus, config, info, field=corpus_field, need=2)
+    if eval_corpus is not None:
+        check_corpus_fills(settings, eval_corpus, config, info, field="eval_corpus_id", need=1)
+    tokens = quotas.job_tokens(config)
+    if tokens is None:
+        estimate = preflight.epochs_job_tokens(config, measure, corpus.characters)
+        quotas.check_job_tokens(settings, estimate, estimated=True)
+    else:
+        quotas.check_job_tokens(settings, tokens)
+
+
 def add_domain(
     session: Session,
     owner: str,
@@ -228,14 +312,23 @@ def add_domain(
     corpus: Corpus,
     name: str,
     eval_corpus_id: int | None,
+    *,
+    settings: Settings | None = None,
+    corpus_field: str = "corpus_id",
 ) -> tuple[Stage, Job]:
-    """Create the next stage and its queued job (the caller commits, then enqueues)."""
+    """Create the next stage and its queued job (the caller commits, then enqueues). With
+    ``settings``, the owner's quota of unfinished jobs and the pre-flight checks apply."""
     lineage = owned_lineage(session, lineage_id, owner)
+    eval_corpus = None
     if eval_corpus_id is not None:
-        owned_corpus(session, eval_corpus_id, owner)
+        eval_corpus = owned_corpus(session, eval_corpus_id, owner)
     if corpus.status != "ready":
         raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
     _check_domain_name_free(session, lineage, name)
+    if settings is not None:
+        quotas.lock_owner(session, owner)
+        quotas.check_active_jobs(settings, session, owner, adding=1)
+        preflight_domain(settings, lineage, corpus, eval_corpus, corpus_field=corpus_field)
     position = (
         session.scalar(select(func.max(Stage.position)).where(Stage.lineage_id == lineage.id)) or 0
     ) + 1
@@ -276,6 +369,13 @@ def _commit_domain(session: Session) -> None:
         ) from exc
 
 
+def _check_answer(stage: Stage, job: Job) -> None:
+    """The 202 can be sent for these rows: checked before they are committed."""
+    encode_json(
+        DomainAccepted(stage=stage_out(stage), job=job_out(job, stage)).model_dump(mode="json")
+    )
+
+
 def _accepted(request: Request, stage: Stage, job: Job) -> dict:
     """Send the job if it may start now, then answer 202 {stage, job}."""
     factory = request.app.state.session_factory
@@ -309,9 +409,12 @@ async def post_domain(
 
     if ctype == "multipart/form-data":
 
-        def precheck() -> None:
+        def precheck() -> None:  # refuse before the upload streams in, where we can
             with factory() as session:
                 owned_lineage(session, lineage_id, principal.owner)
+                if HEADER not in request.headers:  # (a replay is answered whatever the usage)
+                    quotas.check_active_jobs(settings, session, principal.owner, adding=1)
+                    quotas.check_storage(settings, session, principal.owner, adding=0)
 
         await run_in_threadpool(precheck)
 
@@ -326,12 +429,22 @@ async def post_domain(
             body = _domain_fields(result.fields)
             fmt, compressed, report = validate_upload(settings, result.file)
             with factory() as session:
+                quotas.lock_owner(session, principal.owner)
+                quotas.check_storage(settings, session, principal.owner, adding=result.file.bytes)
                 corpus = corpus_row(settings, principal.owner, result.file, fmt, compressed, report)
                 session.add(corpus)
                 session.flush()
                 stage, job = add_domain(
-                    session, principal.owner, lineage_id, corpus, body.name, body.eval_corpus_id
+                    session,
+                    principal.owner,
+                    lineage_id,
+                    corpus,
+                    body.name,
+                    body.eval_corpus_id,
+                    settings=settings,
+                    corpus_field="file",
                 )
+                _check_answer(stage, job)
                 _commit_domain(session)
             return _accepted(request, stage, job)
 
@@ -352,8 +465,15 @@ async def post_domain(
         with factory() as session:
             corpus = owned_corpus(session, body.corpus_id, principal.owner)
             stage, job = add_domain(
-                session, principal.owner, lineage_id, corpus, body.name, body.eval_corpus_id
+                session,
+                principal.owner,
+                lineage_id,
+                corpus,
+                body.name,
+                body.eval_corpus_id,
+                settings=settings,
             )
+            _check_answer(stage, job)
             _commit_domain(session)
         return _accepted(request, stage, job)
 
