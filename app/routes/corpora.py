@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app import quotas
 from app.auth import Principal, authenticate, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
-from app.idempotency import HEADER
+from app.idempotency import HEADER, idempotency_header
 from app.models import Corpus
 from app.presenters import corpus_out, json_ok
 from app.problems import Problem
@@ -51,11 +51,17 @@ UPLOAD_BODY = {
     status_code=201,
     response_model=CorpusOut,
     summary="Upload a corpus (multipart, streamed)",
+    dependencies=[Depends(idempotency_header)],
     openapi_extra=UPLOAD_BODY,
 )
 async def upload_corpus(
     request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
+    """Upload a corpus as multipart field `file` (.txt or .jsonl, optionally .gz), streamed to
+    disk. It is validated in the request (encoding, JSON lines, emptiness, gzip bombs: a 4xx
+    naming each problem with its line, nothing kept) and counts against your storage quota
+    (`DAS_MAX_STORAGE_BYTES_PER_OWNER`, 403). Honours `Idempotency-Key`.
+    """
     settings = request.app.state.settings
     factory = request.app.state.session_factory
 
@@ -91,11 +97,14 @@ def _storage_left(request: Request, owner: str) -> None:
 
 @router.get("", response_model=Page[CorpusOut], summary="List your corpora")
 def list_corpora(
-    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
-    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    after: str | None = Query(
+        None, max_length=18, pattern=r"^[0-9]*$", description="`next_after` of the previous page"
+    ),
+    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="items per page"),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """Your corpora, oldest first, each with its validation report."""
     stmt = select(Corpus).where(Corpus.owner == principal.owner)
     rows, has_more, cursor = paginate(session, stmt, Corpus.id, after, limit)
     return json_ok(
@@ -109,4 +118,5 @@ def get_corpus(
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """One of your corpora and its validation report."""
     return json_ok(corpus_out(owned_corpus(session, corpus_id, principal.owner)))

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, get_session
-from app.idempotency import IdempotencyScope, request_hash
+from app.idempotency import IdempotencyScope, idempotency_header, request_hash
 from app.lifecycle import request_cancel
 from app.models import JOB_TERMINAL, JobEvent
 from app.presenters import job_out, json_ok
@@ -26,6 +26,9 @@ def get_job(
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """A job's status, phase, progress (0 to 1, only forward), step counts, loss, ETA and, once it
+    failed, its error `{code, message, phase}`.
+    """
     job, stage = owned_job(session, job_id, principal.owner)
     return json_ok(job_out(job, stage))
 
@@ -38,6 +41,9 @@ def list_events(
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """The job's event log, oldest first (`queued`, `claimed`, `progress`, `succeeded`, ...); poll
+    with `after=<last id>` for new ones.
+    """
     job, _ = owned_job(session, job_id, principal.owner)
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     rows, has_more, cursor = paginate(session, stmt, JobEvent.id, after, limit)
@@ -66,12 +72,17 @@ def list_events(
     status_code=202,
     response_model=JobOut,
     summary="Cancel a job (cooperative: it stops at the next step boundary)",
+    dependencies=[Depends(idempotency_header)],
 )
 def cancel_job(
     job_id: int,
     request: Request,
     principal: Principal = Depends(write_access),
 ) -> JSONResponse:
+    """Cancel a job: one not started yet ends `cancelled` at once, a running one becomes
+    `cancelling` and stops at its next step boundary. The stages queued behind it are cancelled
+    too. Honours `Idempotency-Key`.
+    """
     factory = request.app.state.session_factory
     scope = IdempotencyScope.from_request(request, principal.owner)
 

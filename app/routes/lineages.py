@@ -20,7 +20,7 @@ from app.archives import TarPlan, parse_range
 from app.auth import Principal, authenticate, get_session
 from app.base_files import model_files_problem
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
-from app.idempotency import HEADER, IdempotencyScope, request_hash
+from app.idempotency import HEADER, IdempotencyScope, idempotency_header, request_hash
 from app.lifecycle import add_event, is_runnable, mark_enqueued
 from app.models import (
     JOB_QUEUED,
@@ -52,6 +52,10 @@ from app.storage import resolve_stored
 from app.uploads import MultipartResult
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
+AFTER = Query(
+    None, max_length=18, pattern=r"^[0-9]*$", description="`next_after` of the previous page"
+)
+LIMIT = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="items per page")
 
 
 # -- lineages -----------------------------------------------------------------------------
@@ -204,10 +208,22 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
     return lineage
 
 
-@router.post("", status_code=201, response_model=LineageOut, summary="Create a lineage")
+@router.post(
+    "",
+    status_code=201,
+    response_model=LineageOut,
+    summary="Create a lineage",
+    dependencies=[Depends(idempotency_header)],
+)
 def create_lineage(
     body: LineageCreate, request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
+    """Create a lineage: a base model, a strategy and hyper-parameters, to which domains are then
+    added in order. Everything is checked before anything is stored: the base model loads, each
+    hyper-parameter is in range and storable, `block_size` fits the base's positions, the mixed
+    precision suits the workers' device (`DAS_WORKER_DEVICE`), and with `max_steps` the job
+    token quota (`DAS_MAX_JOB_TOKENS`, 422). Honours `Idempotency-Key`.
+    """
     settings = request.app.state.settings
     factory = request.app.state.session_factory
     scope = IdempotencyScope.from_request(request, principal.owner)
@@ -226,11 +242,12 @@ def create_lineage(
 
 @router.get("", response_model=Page[LineageOut], summary="List your lineages")
 def list_lineages(
-    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
-    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    after: str | None = AFTER,
+    limit: int = LIMIT,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """Your lineages, oldest first, each with its ordered stages."""
     stmt = select(Lineage).where(Lineage.owner == principal.owner)
     rows, has_more, cursor = paginate(session, stmt, Lineage.id, after, limit)
     return json_ok(
@@ -244,6 +261,7 @@ def get_lineage(
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """One of your lineages and its stages."""
     return json_ok(lineage_out(owned_lineage(session, lineage_id, principal.owner)))
 
 
@@ -259,9 +277,24 @@ DOMAIN_BODY = {
                     "type": "object",
                     "required": ["file", "name"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "pattern": DOMAIN_NAME_PATTERN},
-                        "eval_corpus_id": {"type": "integer"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the domain corpus: .txt or .jsonl (a 'text' field "
+                            "per line), optionally .gz; validated like POST /v1/corpora, kept "
+                            "as a corpus of yours, and it must fill two chunks of the "
+                            "lineage's block_size",
+                        },
+                        "name": {
+                            "type": "string",
+                            "pattern": DOMAIN_NAME_PATTERN,
+                            "description": "the domain name (see the JSON body's `name`)",
+                        },
+                        "eval_corpus_id": {
+                            "type": "integer",
+                            "description": "one of your corpora to evaluate on instead of a "
+                            "held-out split",
+                        },
                     },
                 }
             },
@@ -398,11 +431,19 @@ def _accepted(request: Request, stage: Stage, job: Job) -> dict:
     status_code=202,
     response_model=DomainAccepted,
     summary="Add a domain: train the lineage's next stage (JSON, or multipart with the file)",
+    dependencies=[Depends(idempotency_header)],
     openapi_extra=DOMAIN_BODY,
 )
 async def post_domain(
     lineage_id: int, request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
+    """Add a domain: creates the lineage's next stage and its job (202). Send JSON naming one of
+    your corpora, or multipart with the file itself. Checked in the request (pre-flight), so a
+    job is never queued to fail: the name is free, the corpus fills at least two chunks of the
+    lineage's `block_size` with the base's tokenizer (422 `corpus_too_small`), the job stays
+    within `DAS_MAX_JOB_TOKENS` (422) and you have fewer than `DAS_MAX_ACTIVE_JOBS_PER_OWNER`
+    unfinished jobs (429). Stages run strictly in order. Honours `Idempotency-Key`.
+    """
     settings = request.app.state.settings
     factory = request.app.state.session_factory
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -602,6 +643,9 @@ def download_checkpoint(
     stage: Stage = Depends(succeeded_stage),
     session: Session = Depends(get_session),
 ) -> Response:
+    """The stage's model after training, a Hugging Face directory, as a .tar; resumable (`Range`,
+    `If-Range`) and cacheable (`ETag`, `If-None-Match`). 409 until the stage has succeeded.
+    """
     checkpoint = session.scalar(
         select(Checkpoint)
         .where(Checkpoint.stage_id == stage.id, Checkpoint.final.is_(True))
@@ -623,6 +667,9 @@ def download_importance(
     stage: Stage = Depends(succeeded_stage),
     session: Session = Depends(get_session),
 ) -> Response:
+    """The stage's importance snapshots (`general`, `domain`, `accumulated` safetensors) as a .tar;
+    resumable and cacheable like the checkpoint.
+    """
     snapshots = session.scalars(
         select(ImportanceSnapshot)
         .where(ImportanceSnapshot.stage_id == stage.id)
@@ -684,5 +731,8 @@ def get_metrics(
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """The lineage's evaluation matrix (loss and perplexity of the model after each stage on every
+    domain) and its forgetting summary (forgetting rate, BWT, FWT); non-finite values are null.
+    """
     lineage = owned_lineage(session, lineage_id, principal.owner)
     return json_ok(MetricsOut(lineage_id=lineage.id, **build_metrics(session, lineage)))
