@@ -102,7 +102,7 @@ def epochs_job_tokens(config: Any, measure: CorpusMeasure, total_characters: int
 class CorpusMeasure:
     """What reading (the start of) a corpus found at one block size."""
 
-    chunks: int  # chunks filled by the text read (the last one possibly partial)
+    chunks: int  # chunks the text read fills (the last one possibly partial)
     tokens: int  # tokens read, separators included
     characters: int  # characters of the documents read
     complete: bool  # the whole corpus was read
@@ -115,10 +115,19 @@ class CorpusMeasure:
 
 
 def measure_corpus(
-    path: Path, tokenizer: Any, lock: threading.Lock, *, block_size: int, objective: str, need: int
+    path: Path,
+    tokenizer: Any,
+    lock: threading.Lock,
+    *,
+    block_size: int,
+    objective: str,
+    need: int,
+    split: tuple[int, float] | None = None,
 ) -> CorpusMeasure:
     """Chunk the corpus as the engine does (``das_engine.data.Chunker``) until ``need``
-    chunks and ``SAMPLE_CHARS`` characters were seen, or the corpus ends."""
+    chunks and ``SAMPLE_CHARS`` characters were seen, or the corpus ends. With ``split``
+    (the lineage's seed and eval_fraction), a corpus of fewer chunks still counts as
+    ``need`` = 2 when the engine's document-level split gives both sides a chunk."""
     from das_engine.data import Chunker, iter_documents
 
     chunker = Chunker(tokenizer, block_size, objective)
@@ -132,10 +141,30 @@ def measure_corpus(
                 complete = False
                 break
         full += sum(1 for _ in chunker._flush())  # noqa: SLF001 - the full chunks only
-    tokens = full * chunker.body + len(chunker.buffer)
-    # the engine's last, partial chunk: what is left unless it is only separators
-    partial = complete and any(t != chunker.sep for t in chunker.buffer)
-    return CorpusMeasure(full + int(partial), tokens, characters, complete, chunker.body)
+        tokens = full * chunker.body + len(chunker.buffer)
+        # the engine's last, partial chunk: what is left unless it is only separators
+        chunks = full + int(complete and any(t != chunker.sep for t in chunker.buffer))
+        if chunks < need == 2 and split is not None:  # a tiny corpus: read it again
+            if _both_splits_fill(path, tokenizer, block_size, objective, *split):
+                chunks = need
+    return CorpusMeasure(chunks, tokens, characters, complete, chunker.body)
+
+
+def _both_splits_fill(
+    path: Path, tokenizer: Any, block_size: int, objective: str, seed: int, fraction: float
+) -> bool:
+    """The engine's first try (das_engine.data.build_datasets): documents held out by a hash
+    of (seed, number); it succeeds when the train and the eval side each fill a chunk."""
+    from das_engine.data import Chunker, _held_out, iter_documents
+
+    sides = {side: Chunker(tokenizer, block_size, objective) for side in ("train", "eval")}
+    filled = dict.fromkeys(sides, 0)
+    for i, doc in enumerate(iter_documents(path)):
+        side = "eval" if _held_out(seed, i, fraction) else "train"
+        filled[side] += sum(1 for _ in sides[side].feed(doc))
+    for side, chunker in sides.items():
+        filled[side] += sum(1 for _ in chunker.finish())
+    return all(filled.values())
 
 
 def corpus_problem(

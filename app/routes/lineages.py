@@ -155,7 +155,13 @@ def check_corpus_fills(
     tokenizer, lock = preflight.tokenizer_for(str(info.path))
     path = resolve_stored(settings, corpus.storage_path)
     measure = preflight.measure_corpus(
-        path, tokenizer, lock, block_size=config.block_size, objective=info.objective, need=need
+        path,
+        tokenizer,
+        lock,
+        block_size=config.block_size,
+        objective=info.objective,
+        need=need,
+        split=(config.seed, config.eval_fraction),
     )
     problem = preflight.corpus_problem(
         measure, corpus_id=corpus.id, field=field, block_size=config.block_size, need=need
