@@ -28,8 +28,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.main import create_app
-from app.migrate import upgrade
 from app.models import Corpus, IdempotencyRecord, Lineage, Stage
+from tests.reliability.backends import BACKENDS, api_on, reads_answer_200, stored_rows
 from tests.service.conftest import (
     TINY_HP,
     assert_problem,
@@ -344,49 +344,12 @@ LINEAGE_BAD = {
 }
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend(request, tmp_path_factory):  # noqa: ANN001, ANN201
     """(app, client) on SQLite, then on the real PostgreSQL (a fresh test database)."""
-    from tests.service.conftest import EnqueueRecorder, make_settings
-
     url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
-    settings = make_settings(tmp_path_factory.mktemp(f"bad-{request.param}"), database_url=url)
-    upgrade(settings)
-    app = create_app(settings, enqueue=EnqueueRecorder(), broker_ping=lambda: None)
-    try:
-        with TestClient(app, raise_server_exceptions=False) as c:
-            yield app, c
-    finally:
-        app.state.engine.dispose()
-
-
-def _stored(app, owner) -> dict[str, int]:  # noqa: ANN001
-    from app.models import ApiKey, Job
-
-    with app.state.session_factory() as session:
-        lineages = select(Lineage.id).where(Lineage.owner == owner.name)
-        return {
-            "lineages": session.scalar(select(func.count()).select_from(lineages.subquery())),
-            "corpora": session.scalar(
-                select(func.count(Corpus.id)).where(Corpus.owner == owner.name)
-            ),
-            "stages": session.scalar(
-                select(func.count(Stage.id)).where(Stage.lineage_id.in_(lineages))
-            ),
-            "jobs": session.scalar(select(func.count(Job.id)).where(Job.owner == owner.name)),
-            "keys": session.scalar(select(func.count(ApiKey.id))),
-        }
-
-
-def _reads_still_work(client, owner, lineage_id: int, corpus_id: int) -> None:  # noqa: ANN001
-    for url in (
-        "/v1/lineages",
-        f"/v1/lineages/{lineage_id}",
-        "/v1/corpora",
-        f"/v1/corpora/{corpus_id}",
-    ):
-        r = client.get(url, headers=owner.headers)
-        assert r.status_code == 200, (url, r.text)
+    with api_on(tmp_path_factory.mktemp(f"bad-{request.param}"), url) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -410,13 +373,13 @@ def _post_json(client, owner, url: str, raw: str):  # noqa: ANN001, ANN202
 @pytest.mark.parametrize("case", sorted(LINEAGE_BAD))
 def test_unstorable_hyperparameters_are_422_and_store_nothing(seeded, case):
     app, client, owner, lineage, corpus = seeded
-    before = _stored(app, owner)
+    before = stored_rows(app, owner)
     raw = f'{{"name": "x", "base_model": "tiny-roberta", "hyperparameters": {LINEAGE_BAD[case]}}}'
     problem = assert_problem(_post_json(client, owner, "/v1/lineages", raw), 422)
     assert problem["code"] == "invalid_hyperparameters", problem
     assert all(e["field"].startswith("hyperparameters") for e in problem["errors"]), problem
-    assert _stored(app, owner) == before
-    _reads_still_work(client, owner, lineage, corpus)
+    assert stored_rows(app, owner) == before
+    reads_answer_200(client, owner, lineage, corpus)
 
 
 @pytest.mark.parametrize(
@@ -433,13 +396,13 @@ def test_unstorable_hyperparameters_are_422_and_store_nothing(seeded, case):
 )
 def test_unstorable_strings_in_a_lineage_are_422_naming_the_field(seeded, field, value):
     app, client, owner, lineage, corpus = seeded
-    before = _stored(app, owner)
+    before = stored_rows(app, owner)
     body = {"name": "x", "base_model": "tiny-roberta"}
     raw = json.dumps(body)[:-1] + f', "{field}": "{value}"}}'
     problem = assert_problem(_post_json(client, owner, "/v1/lineages", raw), 422)
     assert field in [e["field"] for e in problem["errors"]], problem
-    assert _stored(app, owner) == before
-    _reads_still_work(client, owner, lineage, corpus)
+    assert stored_rows(app, owner) == before
+    reads_answer_200(client, owner, lineage, corpus)
 
 
 @pytest.mark.parametrize(
@@ -456,14 +419,14 @@ def test_unstorable_strings_in_a_lineage_are_422_naming_the_field(seeded, field,
 )
 def test_unstorable_domain_requests_store_nothing(seeded, raw):
     app, client, owner, lineage, corpus = seeded
-    before = _stored(app, owner)
+    before = stored_rows(app, owner)
     r = _post_json(
         client, owner, f"/v1/lineages/{lineage}/domains", raw.replace("CORPUS", str(corpus))
     )
     assert 400 <= r.status_code < 500, r.text
     assert_problem(r, r.status_code)
-    assert _stored(app, owner) == before
-    _reads_still_work(client, owner, lineage, corpus)
+    assert stored_rows(app, owner) == before
+    reads_answer_200(client, owner, lineage, corpus)
 
 
 UNICODE = [
@@ -496,3 +459,19 @@ def test_valid_unicode_round_trips_in_every_string_field(seeded, text):
     assert corpus.json()["filename"] == f"{text}.txt"
     stored = client.get(f"/v1/corpora/{corpus.json()['id']}", headers=owner.headers).json()
     assert stored["filename"] == corpus.json()["filename"]
+
+
+def test_ids_and_cursors_beyond_the_integer_columns_are_404_or_empty(seeded):
+    """Found by the fuzzing on PostgreSQL: an id past INTEGER was a database error (500)."""
+    app, client, owner, lineage, corpus = seeded
+    big = 2**31
+    for url in (f"/v1/lineages/{big}", f"/v1/corpora/{big}", f"/v1/jobs/{big}"):
+        assert_problem(client.get(url, headers=owner.headers), 404)
+    r = client.post(
+        f"/v1/lineages/{lineage}/domains",
+        headers=owner.headers,
+        json={"corpus_id": corpus, "name": "news", "eval_corpus_id": big},
+    )
+    assert_problem(r, 404, "corpus_not_found")
+    page = client.get("/v1/lineages?after=999999999999999999", headers=owner.headers)
+    assert page.status_code == 200 and page.json()["data"] == []
