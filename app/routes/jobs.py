@@ -36,8 +36,10 @@ def get_job(
 @router.get("/{job_id}/events", response_model=Page[JobEventOut], summary="A job's event log")
 def list_events(
     job_id: int,
-    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
-    limit: int = Query(DEFAULT_LIMIT * 5, ge=1, le=MAX_LIMIT * 5),
+    after: str | None = Query(
+        None, max_length=18, pattern=r"^[0-9]*$", description="the last event id you have"
+    ),
+    limit: int = Query(DEFAULT_LIMIT * 5, ge=1, le=MAX_LIMIT * 5, description="items per page"),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
