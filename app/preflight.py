@@ -168,7 +168,7 @@ def _both_splits_fill(
 
 
 def corpus_problem(
-    measure: CorpusMeasure, *, corpus_id: int, field: str, block_size: int, need: int
+    measure: CorpusMeasure, *, what: str, field: str, block_size: int, need: int
 ) -> Problem | None:
     """The 422 for a corpus too small at this block size, or None."""
     if measure.chunks >= need:
@@ -180,7 +180,7 @@ def corpus_problem(
         else "at least 1 chunk"
     )
     message = (
-        f"corpus {corpus_id} is too small: with the base model's tokenizer it holds "
+        f"{what} is too small: with the base model's tokenizer it holds "
         f"{measure.tokens} token(s), {measure.chunks} chunk(s) of block_size {block_size}; it "
         f"needs {what}, that is more than {want - 1} tokens"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app import preflight, quotas
@@ -143,17 +144,21 @@ def check_storable_hyperparameters(hyper: dict[str, Any]) -> None:
 
 def check_corpus_fills(
     settings: Settings,
-    corpus: Corpus,
+    corpus: Corpus | Path,
     config: Any,
     info: Any,
     *,
     field: str,
     need: int,
 ) -> preflight.CorpusMeasure:
-    """422 ``corpus_too_small`` unless ``corpus`` fills ``need`` chunks at the config's
-    block size with the base's tokenizer."""
+    """422 ``corpus_too_small`` unless ``corpus`` (a row, or the path of a file just
+    uploaded) fills ``need`` chunks at the config's block size with the base's tokenizer.
+    Slow for a large corpus (tokenizing): call it outside a write transaction."""
     tokenizer, lock = preflight.tokenizer_for(str(info.path))
-    path = resolve_stored(settings, corpus.storage_path)
+    if isinstance(corpus, Path):
+        path, what = corpus, "the uploaded corpus"
+    else:
+        path, what = resolve_stored(settings, corpus.storage_path), f"corpus {corpus.id}"
     measure = preflight.measure_corpus(
         path,
         tokenizer,
@@ -164,14 +169,23 @@ def check_corpus_fills(
         split=(config.seed, config.eval_fraction),
     )
     problem = preflight.corpus_problem(
-        measure, corpus_id=corpus.id, field=field, block_size=config.block_size, need=need
+        measure, what=what, field=field, block_size=config.block_size, need=need
     )
     if problem is not None:
         raise problem
     return measure
 
 
-def build_lineage(settings: Settings, session: Session, owner: str, body: LineageCreate) -> Lineage:
+def build_lineage(
+    settings: Settings,
+    session: Session,
+    owner: str,
+    body: LineageCreate,
+    *,
+    reads: sessionmaker[Session] | None = None,
+) -> Lineage:
+    """Check everything, then add the lineage to ``session`` (the caller commits). The checks
+    read through ``reads`` when given, so that no write lock is held while they tokenize."""
     check_storable_hyperparameters(body.hyperparameters)
     hyper = dict(body.hyperparameters)
     if hyper.get("strategy", body.strategy) != body.strategy:
@@ -196,8 +210,10 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
     preflight.check_against_base(settings, config, body.base_model, base)
     quotas.check_job_tokens(settings, quotas.job_tokens(config))
     if body.general_corpus_id is not None:
-        general = owned_corpus(session, body.general_corpus_id, owner)
-        check_corpus_fills(settings, general, config, info, field="general_corpus_id", need=1)
+        with (reads or _same(session))() as read:
+            general = owned_corpus(read, body.general_corpus_id, owner)
+            check_corpus_fills(settings, general, config, info, field="general_corpus_id", need=1)
+        owned_corpus(session, body.general_corpus_id, owner)  # still yours, in this transaction
     lineage = Lineage(
         owner=owner,
         name=body.name,
@@ -212,6 +228,11 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
     session.flush()
     session.refresh(lineage)
     return lineage
+
+
+def _same(session: Session):  # noqa: ANN202
+    """A factory whose session is ``session`` itself, left open."""
+    return lambda: nullcontext(session)
 
 
 @router.post(
@@ -238,7 +259,13 @@ def create_lineage(
 
     def produce() -> dict:
         with factory() as session, session.begin():
-            lineage = build_lineage(settings, session, principal.owner, body)
+            lineage = build_lineage(
+                settings,
+                session,
+                principal.owner,
+                body,
+                reads=request.app.state.read_session_factory,
+            )
             answer = lineage_out(lineage).model_dump(mode="json")
             encode_json(answer)  # the answer can be sent: only then is the row committed
             return answer
@@ -323,14 +350,26 @@ def _check_domain_name_free(session: Session, lineage: Lineage, name: str) -> No
 
 def preflight_domain(
     settings: Settings,
-    lineage: Lineage,
-    corpus: Corpus,
-    eval_corpus: Corpus | None,
+    session: Session,
+    owner: str,
+    lineage_id: int,
+    name: str,
+    corpus: Corpus | Path,
+    corpus_characters: int,
+    eval_corpus_id: int | None,
     *,
     corpus_field: str = "corpus_id",
 ) -> None:
-    """What the worker would fail on, checked now: the corpus fills the chunks the engine
-    needs at the lineage's block size, and the job stays within the token quota."""
+    """What the worker would fail on, checked before the write transaction (``session``
+    only reads): cheap checks first (ownership, the name, the unfinished-jobs quota), then
+    the corpus fills the chunks the engine needs at the lineage's block size, and the job
+    stays within the token quota. ``add_domain`` checks the cheap ones again, atomically."""
+    lineage = owned_lineage(session, lineage_id, owner)
+    eval_corpus = owned_corpus(session, eval_corpus_id, owner) if eval_corpus_id else None
+    if isinstance(corpus, Corpus) and corpus.status != "ready":
+        raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
+    _check_domain_name_free(session, lineage, name)
+    quotas.check_active_jobs(settings, session, owner, adding=1)
     config = training_config(lineage.hyperparameters, lineage.strategy)
     info = resolve_lineage_base(settings, lineage.base_model)
     measure = check_corpus_fills(settings, corpus, config, info, field=corpus_field, need=2)
@@ -338,7 +377,7 @@ def preflight_domain(
         check_corpus_fills(settings, eval_corpus, config, info, field="eval_corpus_id", need=1)
     tokens = quotas.job_tokens(config)
     if tokens is None:
-        estimate = preflight.epochs_job_tokens(config, measure, corpus.characters)
+        estimate = preflight.epochs_job_tokens(config, measure, corpus_characters)
         quotas.check_job_tokens(settings, estimate, estimated=True)
     else:
         quotas.check_job_tokens(settings, tokens)
@@ -353,21 +392,19 @@ def add_domain(
     eval_corpus_id: int | None,
     *,
     settings: Settings | None = None,
-    corpus_field: str = "corpus_id",
 ) -> tuple[Stage, Job]:
     """Create the next stage and its queued job (the caller commits, then enqueues). With
-    ``settings``, the owner's quota of unfinished jobs and the pre-flight checks apply."""
+    ``settings``, the owner's quota of unfinished jobs applies (counted under the owner's
+    lock, in this transaction); the caller ran ``preflight_domain`` before."""
     lineage = owned_lineage(session, lineage_id, owner)
-    eval_corpus = None
     if eval_corpus_id is not None:
-        eval_corpus = owned_corpus(session, eval_corpus_id, owner)
+        owned_corpus(session, eval_corpus_id, owner)
     if corpus.status != "ready":
         raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
     _check_domain_name_free(session, lineage, name)
     if settings is not None:
         quotas.lock_owner(session, owner)
         quotas.check_active_jobs(settings, session, owner, adding=1)
-        preflight_domain(settings, lineage, corpus, eval_corpus, corpus_field=corpus_field)
     position = (
         session.scalar(select(func.max(Stage.position)).where(Stage.lineage_id == lineage.id)) or 0
     ) + 1
@@ -452,6 +489,7 @@ async def post_domain(
     """
     settings = request.app.state.settings
     factory = request.app.state.session_factory
+    reads = request.app.state.read_session_factory
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
 
     if ctype == "multipart/form-data":
@@ -475,6 +513,18 @@ async def post_domain(
                 )
             body = _domain_fields(result.fields)
             fmt, compressed, report = validate_upload(settings, result.file)
+            with reads() as read:
+                preflight_domain(
+                    settings,
+                    read,
+                    principal.owner,
+                    lineage_id,
+                    body.name,
+                    result.file.path,
+                    int(report.get("characters", 0)),
+                    body.eval_corpus_id,
+                    corpus_field="file",
+                )
             with factory() as session:
                 quotas.lock_owner(session, principal.owner)
                 quotas.check_storage(settings, session, principal.owner, adding=result.file.bytes)
@@ -489,7 +539,6 @@ async def post_domain(
                     body.name,
                     body.eval_corpus_id,
                     settings=settings,
-                    corpus_field="file",
                 )
                 _check_answer(stage, job)
                 _commit_domain(session)
@@ -509,6 +558,18 @@ async def post_domain(
     scope = IdempotencyScope.from_request(request, principal.owner)
 
     def produce() -> dict:
+        with reads() as read:
+            corpus = owned_corpus(read, body.corpus_id, principal.owner)
+            preflight_domain(
+                settings,
+                read,
+                principal.owner,
+                lineage_id,
+                body.name,
+                corpus,
+                corpus.characters,
+                body.eval_corpus_id,
+            )
         with factory() as session:
             corpus = owned_corpus(session, body.corpus_id, principal.owner)
             stage, job = add_domain(
