@@ -475,3 +475,22 @@ def test_ids_and_cursors_beyond_the_integer_columns_are_404_or_empty(seeded):
     assert_problem(r, 404, "corpus_not_found")
     page = client.get("/v1/lineages?after=999999999999999999", headers=owner.headers)
     assert page.status_code == 200 and page.json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        '{"extra": ' + _deep(5000) + "}",  # deeper than Python's parser recurses
+        '{"extra": {"a": ' + "9" * 5000 + "}}",  # more digits than int() converts
+    ],
+    ids=["nesting-5000", "digits-5000"],
+)
+def test_bodies_the_json_parser_gives_up_on_are_4xx_and_store_nothing(seeded, hyper):
+    app, client, owner, lineage, corpus = seeded
+    before = stored_rows(app, owner)
+    raw = f'{{"name": "x", "base_model": "tiny-roberta", "hyperparameters": {hyper}}}'
+    r = _post_json(client, owner, "/v1/lineages", raw)
+    assert 400 <= r.status_code < 500, r.text
+    assert_problem(r, r.status_code)
+    assert stored_rows(app, owner) == before
+    reads_answer_200(client, owner, lineage, corpus)
