@@ -6,9 +6,9 @@
 - a domain's corpus against the lineage: tokenized with the base's tokenizer at the
   lineage's ``block_size``, it must fill at least two chunks (the engine holds out at least
   one to evaluate and trains on the rest); a separate evaluation or general corpus at least
-  one. Reading stops as soon as that is known, after at most ``SAMPLE_CHARS`` characters,
-  so a large corpus costs no more than a small one; the sample's tokens per character also
-  estimates the corpus's tokens (for the token quota of an epochs-based job).
+  one. Reading stops as soon as that is known, so a large corpus costs no more than a
+  small one; for an epochs-based job (no ``max_steps``) it reads on to ``SAMPLE_CHARS``
+  characters, whose tokens per character estimate the corpus's tokens (for the token quota).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from app.problems import Problem
 from app.settings import Settings
 
-SAMPLE_CHARS = 256_000
+SAMPLE_CHARS = 64_000
 # position ids of these families start after the padding index (RoBERTa's convention)
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert"}
 _tokenizers: dict[str, tuple[Any, threading.Lock]] = {}
@@ -123,9 +123,10 @@ def measure_corpus(
     objective: str,
     need: int,
     split: tuple[int, float] | None = None,
+    sample_chars: int = SAMPLE_CHARS,
 ) -> CorpusMeasure:
     """Chunk the corpus as the engine does (``das_engine.data.Chunker``) until ``need``
-    chunks and ``SAMPLE_CHARS`` characters were seen, or the corpus ends. With ``split``
+    chunks and ``sample_chars`` characters were seen, or the corpus ends. With ``split``
     (the lineage's seed and eval_fraction), a corpus of fewer chunks still counts as
     ``need`` = 2 when the engine's document-level split gives both sides a chunk."""
     from das_engine.data import Chunker, iter_documents
@@ -137,7 +138,7 @@ def measure_corpus(
         for doc in iter_documents(path):
             characters += len(doc)
             full += sum(1 for _ in chunker.feed(doc))
-            if full >= need and characters >= SAMPLE_CHARS:
+            if full >= need and characters >= sample_chars:
                 complete = False
                 break
         full += sum(1 for _ in chunker._flush())  # noqa: SLF001 - the full chunks only

@@ -167,6 +167,8 @@ def check_corpus_fills(
         objective=info.objective,
         need=need,
         split=(config.seed, config.eval_fraction),
+        # an epochs-based job's token quota needs an estimate of the corpus's tokens
+        sample_chars=preflight.SAMPLE_CHARS if config.max_steps is None and need == 2 else 0,
     )
     problem = preflight.corpus_problem(
         measure, what=what, field=field, block_size=config.block_size, need=need
