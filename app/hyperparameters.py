@@ -63,6 +63,11 @@ FIELDS: dict[str, tuple[str, Range]] = {
         (0.0, 1.0, True),
     ),
     "importance_max_batches": ("Most batches used to compute importance.", (1, 100000, False)),
+    "importance_dropout": (
+        "Dropout of the two proxy-KL views, only for a base without dropout of its own (Llama, "
+        "Mistral, Qwen2); 0 refuses such bases.",
+        (0.0, 0.9, False),
+    ),
     "freeze_embeddings": ("Freeze the word embeddings (and a tied LM head).", (None, None, False)),
     "freeze_layernorm": ("Freeze every normalisation layer.", (None, None, False)),
     "mask_embeddings": (
