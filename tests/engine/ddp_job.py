@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from das_engine import distributed, lineage
 from das_engine.bases import build_tiny_model, bundled_tokenizer
+from das_engine.errors import DasError
 from das_engine.importance import domain_importance, general_importance
 from das_engine.lineage import Lineage
 from das_engine.objective import Batcher
@@ -77,6 +78,15 @@ def main(work: Path, lineage_dir: Path, corpus: Path) -> None:
             state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             save_file(state, str(work / f"weights-rank{rank}.safetensors"))
             return summary
+
+    # a cancel seen by rank 0 only stops every rank; a failure of rank 0 alone reaches them
+    agreed = distributed.any_rank(rank == 0)
+    try:
+        distributed.run_on_main(lambda: Lineage.create(lineage_dir, "tiny-roberta"))
+        failed = "none"
+    except DasError as exc:
+        failed = type(exc).__name__
+    (work / f"collective-rank{rank}").write_text(f"{agreed} {failed}")
 
     lineage.Trainer = RecordingTrainer
     result = Lineage.open(lineage_dir).add_domain(corpus, "legal")

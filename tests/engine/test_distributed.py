@@ -141,6 +141,9 @@ def test_two_process_das_stage_matches_one_process(two_process_run):
     # rank 0 wrote the same files a single process writes, and nothing else
     assert _files(single.path) == _files(multi.path)
     assert (work / "done-rank1").read_text() == str(run["single_result"].trained_tokens)
+    # the cancel flag of one rank reaches all; rank 0's failure is raised on rank 1 too
+    assert (work / "collective-rank0").read_text() == "True LineageError"
+    assert (work / "collective-rank1").read_text() == "True RankFailed"
 
 
 @pytest.mark.slow
@@ -180,11 +183,11 @@ def test_rank_slices_cover_the_global_batch_with_token_weights(monkeypatch):
     labels[:, 0] = 1
     labels[0, 1:] = 2  # row 0 predicts 5 tokens, the others 1
     batch = {"input_ids": torch.arange(rows * 5).view(rows, 5), "labels": labels}
+    frozen = torch.nn.Linear(1, 1).requires_grad_(False)
     parts, weights = [], []
     for r in range(3):
         monkeypatch.setenv("RANK", str(r))
-        dp = distributed.DataParallel.__new__(distributed.DataParallel)
-        dp.topology, dp.objective = distributed.topology(), "mlm"
+        dp = distributed.DataParallel(frozen, None, "mlm")  # nothing to train: no DDP
         local, w = dp.shard(batch)
         parts.append(local["input_ids"])
         weights.append(w)
@@ -193,6 +196,6 @@ def test_rank_slices_cover_the_global_batch_with_token_weights(monkeypatch):
     assert sum(weights) / 3 == pytest.approx(1.0)
     assert weights[0] == pytest.approx(3 * 7 / 11)  # rank 0 holds 7 of the 11 predicted tokens
     monkeypatch.setenv("RANK", "0")
-    dp.topology = distributed.topology()
+    dp = distributed.DataParallel(frozen, None, "mlm")
     with pytest.raises(ConfigError, match="at least the number of processes"):
         dp.shard({k: v[:2] for k, v in batch.items()})
