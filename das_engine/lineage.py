@@ -418,7 +418,7 @@ class Lineage:
         )
         summary = trainer.run()
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if should_cancel():
+        if distributed.any_rank(should_cancel()):
             raise Cancelled("cancelled after the last training step")
         if distributed.is_main():  # finish only saves state files
             strategy.finish(ctx)

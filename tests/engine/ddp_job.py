@@ -4,7 +4,8 @@
 
 Every rank: (1) computes general and domain importance of a tiny model on the shared
 importance batches and saves what it got; (2) trains one DAS stage of LINEAGE and saves
-the weights it holds in memory at the end of training (rank 0 also commits the stage).
+the weights it holds in memory at the end of training (rank 0 also commits the stage);
+the stage is cancelled by rank 0 at step 2 and resumed from its checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 
 from das_engine import distributed, lineage
 from das_engine.bases import build_tiny_model, bundled_tokenizer
-from das_engine.errors import DasError
+from das_engine.errors import Cancelled, DasError
 from das_engine.importance import domain_importance, general_importance
 from das_engine.lineage import Lineage
 from das_engine.objective import Batcher
@@ -89,6 +90,15 @@ def main(work: Path, lineage_dir: Path, corpus: Path) -> None:
     (work / f"collective-rank{rank}").write_text(f"{agreed} {failed}")
 
     lineage.Trainer = RecordingTrainer
+    # stopped by rank 0 alone at step 2 (just after the step-2 checkpoint), then resumed
+    calls = iter(range(100))
+    try:
+        Lineage.open(lineage_dir).add_domain(
+            corpus, "legal", should_cancel=lambda: rank == 0 and next(calls) == 2
+        )
+        raise AssertionError("the cancel did not stop the stage")
+    except Cancelled:
+        pass
     result = Lineage.open(lineage_dir).add_domain(corpus, "legal")
     (work / f"done-rank{rank}").write_text(str(result.trained_tokens))
     distributed.shutdown()

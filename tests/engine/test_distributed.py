@@ -127,6 +127,7 @@ def test_two_process_das_stage_matches_one_process(two_process_run):
         assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k
         assert torch.equal(w2[k], r0[k]), k  # rank 0 saved the weights it trained
 
+    assert s2.meta["resumed_from_step"] == 2  # cancelled by rank 0, resumed by both
     # the same global batches: same token count, loss, held-out evaluation and importance
     assert s1.meta["trained_tokens"] == s2.meta["trained_tokens"]
     assert s2.meta["final_train_loss"] == pytest.approx(s1.meta["final_train_loss"], rel=1e-4)
