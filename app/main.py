@@ -92,14 +92,20 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         components["Problem"] = {
             "type": "object",
             "required": ["type", "title", "status", "detail", "code"],
+            "description": "RFC 9457 problem details; quota answers add `limit` and `value`, "
+            "a too small corpus `tokens`, `chunks` and `required_chunks`",
             "properties": {
-                "type": {"type": "string"},
-                "title": {"type": "string"},
-                "status": {"type": "integer"},
-                "detail": {"type": "string"},
-                "code": {"type": "string"},
-                "instance": {"type": "string"},
-                "errors": {"type": "array", "items": {"type": "object"}},
+                "type": {"type": "string", "description": "`urn:das-service:problem:<code>`"},
+                "title": {"type": "string", "description": "the HTTP status phrase"},
+                "status": {"type": "integer", "description": "the HTTP status code"},
+                "detail": {"type": "string", "description": "what went wrong, for people"},
+                "code": {"type": "string", "description": "what went wrong, for programs"},
+                "instance": {"type": "string", "description": "the request path"},
+                "errors": {
+                    "type": "array",
+                    "items": {"type": "object"},
+                    "description": "`[{field, message}]`, or `[{line, message}]` for a corpus",
+                },
             },
         }
         components.pop("HTTPValidationError", None)
@@ -116,6 +122,8 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
                     codes.insert(0, "401")
                 if method == "post":
                     codes += ["400", "409", "413", "415", "429"]
+                    if path.startswith("/v1"):
+                        codes.append("403")  # a quota
                 if path == "/readyz":
                     codes.append("503")
                 if path.endswith(("/checkpoint", "/importance")):

@@ -15,10 +15,12 @@ RowT = TypeVar("RowT", bound=Base)
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
+# ids are INTEGER columns: on PostgreSQL a larger id in a query is an error, not a miss
+MAX_ID = 2**31 - 1
 
 
 def owned(session: Session, model: type[RowT], row_id: int, owner: str, what: str) -> RowT:
-    row = session.get(model, row_id) if 0 < row_id < 2**63 else None
+    row = session.get(model, row_id) if 0 < row_id <= MAX_ID else None
     if row is None or getattr(row, "owner", None) != owner:
         raise Problem(404, f"{what}_not_found", f"no {what} with id {row_id}")
     return row
@@ -40,7 +42,7 @@ def owned_job(session: Session, job_id: int, owner: str) -> tuple[Job, Stage]:
             .join(Stage, Stage.id == Job.stage_id)
             .where(Job.id == job_id, Job.owner == owner)
         ).first()
-        if 0 < job_id < 2**63
+        if 0 < job_id <= MAX_ID
         else None
     )
     if row is None:
@@ -66,7 +68,7 @@ def parse_after(after: str | None) -> int:
             "after: not a cursor returned by this API",
             errors=[{"field": "after", "message": "not a cursor returned by this API"}],
         )
-    return int(after)
+    return min(int(after), MAX_ID)  # past every id: an empty page (not a database error)
 
 
 def paginate(

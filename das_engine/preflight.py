@@ -52,10 +52,13 @@ def _supports_gradient_checkpointing(model_config) -> bool | None:
 
 
 def resolve_device(config: TrainingConfig) -> torch.device:
-    """``config.device`` as a usable torch device (cuda > cpu for "auto")."""
+    """``config.device`` as a usable torch device (cuda > cpu for "auto"; under torchrun
+    a bare "cuda" is this rank's GPU, ``distributed.device``)."""
+    from das_engine import distributed
+
     problem = None
     if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device("auto")
     try:
         device = torch.device(config.device)
     except (RuntimeError, TypeError) as exc:
@@ -74,7 +77,7 @@ def resolve_device(config: TrainingConfig) -> torch.device:
             f"device {config.device!r} {problem}",
             details=[{"field": "device", "message": problem}],
         )
-    return device
+    return distributed.device(config.device)
 
 
 def check_config_against_model(

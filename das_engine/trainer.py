@@ -23,6 +23,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
+from das_engine import distributed
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore
 from das_engine.errors import Cancelled, IncompatibleConfigError
@@ -53,10 +54,8 @@ CancelFn = Callable[[], bool]
 
 
 def select_device(preference: str = "auto") -> torch.device:
-    """cuda > cpu, unless the config names a device."""
-    if preference != "auto":
-        return torch.device(preference)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cuda > cpu, unless the config names a device; under torchrun, this rank's GPU."""
+    return distributed.device(preference)
 
 
 def mixed_precision_for(config: TrainingConfig, device: torch.device) -> str:
@@ -196,6 +195,8 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.precision = precision or Precision.for_stage(config, self.device)
         self.scaler = self.precision.grad_scaler()  # fp16 only; this stage's own
+        # DDP (several processes) or a no-op (see das_engine/distributed.py)
+        self.replicas = distributed.DataParallel(model, strategy, batcher.objective)
         self.total = total_steps(config, len(train))
         self.model = model
         self.optimizer = torch.optim.AdamW(
@@ -222,6 +223,8 @@ class Trainer:
     def save_checkpoint(self, step: int, trained_tokens: int, loss: float | None = None) -> Path:
         """fp32 master weights + optimizer/scheduler/scaler state (no pickles)."""
         target = self.checkpoint_dir / f"step-{step:08d}"
+        if not distributed.is_main():  # ranks hold identical weights: rank 0 saves them
+            return target
         with atomic_dir(target) as tmp:
             save_model(self.unwrapped_model, str(tmp / "model.safetensors"))
             save_training_state(tmp, self.optimizer, self.scheduler, self.scaler)
@@ -297,23 +300,26 @@ class Trainer:
         started = time.perf_counter()
         tokens_this_run = 0
         for step in range(start, self.total):
-            if self.should_cancel():
+            if distributed.any_rank(self.should_cancel()):
                 raise Cancelled(f"cancelled at step {step} of {self.total}")
-            torch.manual_seed(cfg.seed * 7919 + step)  # dropout masks depend on the step only
+            # dropout masks depend on the step (and the rank) only
+            torch.manual_seed(cfg.seed * 7919 + step + distributed.seed_offset())
             self.optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
-                batch = self._micro_batch(step, micro)
-                with self.precision.autocast():
-                    loss, logs = self.strategy.loss(self.model, batch)
-                self._backward(loss / cfg.grad_accum)
+                batch = self._micro_batch(step, micro)  # the global micro-batch
+                local, weight = self.replicas.shard(batch)  # this rank's rows of it
+                with self.replicas.sync(micro == cfg.grad_accum - 1):
+                    with self.precision.autocast():
+                        loss, logs = self.replicas.loss(local)
+                    self._backward(loss * weight / cfg.grad_accum)
                 # report the LM loss (comparable across strategies), not the total objective
-                step_loss += logs.get("lm_loss", float(loss.detach())) / cfg.grad_accum
+                step_loss += weight * logs.get("lm_loss", float(loss.detach())) / cfg.grad_accum
                 n_tok = int(batch["attention_mask"].sum())
                 trained += n_tok
                 tokens_this_run += n_tok
             self._optimizer_step()
-            loss_value = step_loss
+            loss_value = self.replicas.mean(step_loss)
             done = step + 1
             elapsed = time.perf_counter() - started
             rate = tokens_this_run / elapsed if elapsed > 0 else None
