@@ -68,7 +68,8 @@ class JobMetricsOut(BaseModel):
     series: list[StepMetric]
     eval_loss: float | None = Field(description="held-out loss on this stage's own domain")
     eval_losses: dict[str, float | None] = Field(
-        description="held-out loss of this stage's model on every domain so far"
+        description="held-out loss of this stage's model on every domain of the lineage "
+        "(a later domain's cell is filled in when that domain is trained)"
     )
     general_loss: float | None
 
