@@ -4,8 +4,21 @@ metrics, API keys."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error codes a route answers beyond those ``app.main`` documents
+    for every route (DELETE is not a POST there)."""
+    entry = {
+        "description": "an error (RFC 9457 problem details)",
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
+    return {code: dict(entry) for code in codes}
 
 
 class ForkCreate(BaseModel):

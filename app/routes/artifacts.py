@@ -146,7 +146,7 @@ def download_checkpoint(
     return _tar_response(request, session, plan, top)
 
 
-@router.head(CHECKPOINT_PATH, summary="A stage checkpoint's size and ETag (no body)")
+@router.head(CHECKPOINT_PATH, **_tar_route("A stage checkpoint's size and ETag (no body)"))
 def head_checkpoint(
     request: Request,
     stage: Stage = Depends(succeeded_stage),
@@ -169,7 +169,7 @@ def download_importance(
     return _tar_response(request, session, plan, top)
 
 
-@router.head(IMPORTANCE_PATH, summary="The importance archive's size and ETag (no body)")
+@router.head(IMPORTANCE_PATH, **_tar_route("The importance archive's size and ETag (no body)"))
 def head_importance(
     request: Request,
     stage: Stage = Depends(succeeded_stage),

@@ -8,6 +8,7 @@ from app.auth import Principal
 from app.deletion import delete_corpus, delete_lineage, purge_lineage
 from app.queries import owned_corpus, owned_lineage
 from app.ratelimit import write_access
+from app.schemas_lifecycle import problem_responses
 
 router = APIRouter(tags=["lifecycle"])
 
@@ -15,6 +16,7 @@ router = APIRouter(tags=["lifecycle"])
 @router.delete(
     "/v1/corpora/{corpus_id}",
     status_code=204,
+    responses=problem_responses(409, 429),
     summary="Delete a corpus (its file; 409 while an unfinished stage uses it)",
 )
 def remove_corpus(
@@ -29,6 +31,7 @@ def remove_corpus(
 @router.delete(
     "/v1/lineages/{lineage_id}",
     status_code=204,
+    responses=problem_responses(409, 429),
     summary="Delete a lineage and its artifacts (409 while a stage trains, unless force)",
 )
 def remove_lineage(

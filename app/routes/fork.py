@@ -38,7 +38,7 @@ from app.problems import Problem
 from app.queries import owned_lineage
 from app.ratelimit import write_access
 from app.schemas import LineageOut
-from app.schemas_lifecycle import ForkCreate
+from app.schemas_lifecycle import ForkCreate, problem_responses
 from app.settings import Settings
 from app.storage import lineage_dir, resolve_stored, stored_path
 
@@ -111,7 +111,7 @@ def copy_files(settings: Settings, plan: _Plan, names: list[str]) -> Path:
         engine = EngineLineage.open(lineage_dir(settings, plan.parent_id))
         engine.fork(hidden, plan.upto)
         forked = [s.name for s in EngineLineage.open(hidden).stages]
-    except DasError as exc:
+    except (DasError, FileNotFoundError) as exc:  # gone (deleted meanwhile, or lost)
         shutil.rmtree(hidden, ignore_errors=True)
         raise Problem(
             410, "artifact_missing", f"lineage {plan.parent_id}'s files cannot be forked"
@@ -269,6 +269,7 @@ def create_fork(
     "/{lineage_id}/fork",
     status_code=201,
     response_model=LineageOut,
+    responses=problem_responses(410),
     summary="Fork a lineage after one of its stages (a new lineage; add domains to it)",
 )
 def fork_lineage(

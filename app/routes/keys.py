@@ -16,7 +16,7 @@ from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned, paginate
 from app.ratelimit import write_access
 from app.schemas import Page
-from app.schemas_lifecycle import ApiKeyCreated, ApiKeyOut
+from app.schemas_lifecycle import ApiKeyCreated, ApiKeyOut, problem_responses
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
 
@@ -59,7 +59,12 @@ def create_key(request: Request, principal: Principal = Depends(write_access)) -
         return JSONResponse(_new_key(session, principal.owner), status_code=201)
 
 
-@router.delete("/{key_id}", status_code=204, summary="Revoke an API key (it answers 401 then)")
+@router.delete(
+    "/{key_id}",
+    status_code=204,
+    responses=problem_responses(429),
+    summary="Revoke an API key (it answers 401 then)",
+)
 def revoke_key(
     key_id: int, request: Request, principal: Principal = Depends(write_access)
 ) -> Response:
