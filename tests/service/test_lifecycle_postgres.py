@@ -97,3 +97,34 @@ def test_lifecycle_on_postgres(env):
     assert_problem(client.get("/v1/api-keys", headers=owner.headers), 401)
     fresh = {"Authorization": f"Bearer {rotated.json()['key']}"}
     assert len(client.get("/v1/api-keys", headers=fresh).json()["data"]) == 2
+
+
+def test_forced_delete_while_training_on_postgres(env):
+    import threading
+
+    from tests.service.conftest import wait_for
+
+    settings, app, client, runner, _ = env
+    owner = new_owner(app)
+    hp = {"max_steps": 400, "batch_size": 4, "block_size": 32, "checkpoint_every": 3}
+    hp.update(eval_max_batches=2, importance_max_batches=2)
+    lineage = create_lineage(client, owner, hyperparameters=hp).json()["id"]
+    job = add_domain(client, owner, lineage, "news")
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(job)))
+    thread.start()
+    try:
+        wait_for(
+            lambda: (client.get(f"/v1/jobs/{job}", headers=owner.headers).json()["step"] or 0) >= 2,
+            120,
+            "training",
+        )
+        assert_problem(client.delete(f"/v1/lineages/{lineage}", headers=owner.headers), 409)
+        r = client.delete(f"/v1/lineages/{lineage}?force=true", headers=owner.headers)
+        assert r.status_code == 204
+    finally:
+        thread.join(timeout=120)
+    assert outcome == ["cancelled"]
+    assert not lineage_dir(settings, lineage).exists()
+    with app.state.session_factory() as session:
+        assert session.get(Job, job).status == "cancelled"
