@@ -143,6 +143,9 @@ class LineageOut(BaseModel):
     general_corpus_id: int | None
     created_at: datetime
     stages: list[StageOut]
+    # a fork's parent and the parent's stage it branched after (POST .../fork); else null
+    forked_from_id: int | None = None
+    forked_from_position: int | None = None
 
 
 class DomainCreate(BaseModel):

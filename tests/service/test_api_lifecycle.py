@@ -359,6 +359,8 @@ def test_fork_refusals(client, alice, bob):
     lineage = _lineage(client, alice)
     _domain(client, alice, lineage, _corpus(client, alice), "news")
     url = f"/v1/lineages/{lineage}/fork"
+    plain = client.get(f"/v1/lineages/{lineage}", headers=alice.headers).json()
+    assert plain["forked_from_id"] is None and plain["forked_from_position"] is None
     assert_problem(
         client.post(url, headers=alice.headers, json={"name": "b", "from_stage": 1}),
         409,

@@ -111,6 +111,7 @@ def test_fork_copies_stages_and_trains_on(env, trained):
     assert r.status_code == 201, r.text
     fork = r.json()
     assert fork["id"] != lineage and fork["name"] == "branch"
+    assert (fork["forked_from_id"], fork["forked_from_position"]) == (lineage, 1)
     assert [(s["position"], s["name"], s["status"]) for s in fork["stages"]] == [
         (1, "news", "succeeded")
     ]
