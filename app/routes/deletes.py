@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy import select
 
 from app.auth import Principal
 from app.deletion import delete_corpus, delete_lineage, purge_lineage
+from app.models import Job
 from app.queries import owned_corpus, owned_lineage
 from app.ratelimit import write_access
 from app.schemas_lifecycle import problem_responses
@@ -46,5 +48,8 @@ def remove_lineage(
     factory = request.app.state.session_factory
     with factory() as session, session.begin():
         delete_lineage(session, owned_lineage(session, lineage_id, principal.owner), force=force)
+        jobs = session.scalars(select(Job.id).where(Job.lineage_id == lineage_id)).all()
+    for job_id in jobs:  # this process's conditional reads answer 404 at once (read-your-writes)
+        request.app.state.job_watcher.forget(job_id)
     purge_lineage(settings, factory, lineage_id)  # does nothing while a job still trains
     return Response(status_code=204)

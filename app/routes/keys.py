@@ -72,6 +72,7 @@ def revoke_key(
         row = owned(session, ApiKey, key_id, principal.owner, "api_key")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
+    request.app.state.key_cache.clear()  # this process's conditional reads re-verify keys
     return Response(status_code=204)
 
 
@@ -90,4 +91,6 @@ def rotate_key(
         if row.revoked_at is not None:
             raise Problem(409, "api_key_revoked", f"API key {key_id} is already revoked")
         row.revoked_at = utcnow()
-        return JSONResponse(_new_key(session, principal.owner), status_code=201)
+        body = _new_key(session, principal.owner)
+    request.app.state.key_cache.clear()  # this process's conditional reads re-verify keys
+    return JSONResponse(body, status_code=201)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -379,3 +380,64 @@ def test_fork_refusals(client, alice, bob):
     assert_problem(
         client.post(url, headers=alice.headers, json={"name": "b", "from_stage": 1, "x": 1}), 422
     )
+
+
+# -- the conditional-read fast path (app/conditional_reads.py) ------------------------------------
+
+
+def _wait_until(predicate, timeout: float = 5.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _watched(api, client, owner, job_id: int) -> dict[str, str]:  # noqa: ANN001
+    """Headers of a conditional read of the job that the process's watch answers 304."""
+    etag = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).headers["etag"]
+    conditional = {**owner.headers, "If-None-Match": etag}
+    client.get(f"/v1/jobs/{job_id}", headers=conditional)  # starts the watch
+    assert _wait_until(lambda: api.state.job_watcher.cached(job_id) is not None)
+    assert client.get(f"/v1/jobs/{job_id}", headers=conditional).status_code == 304
+    return conditional
+
+
+def test_conditional_reads_of_a_deleted_lineage_are_404(api, client):
+    owner = new_owner(api)
+    corpus = _corpus(client, owner)
+    # by this process: at once, although a succeeded job's tag does not change
+    lineage = _lineage(client, owner)
+    job = _domain(client, owner, lineage, corpus, "news")["job"]["id"]
+    _set_status(api, job, "succeeded")
+    conditional = _watched(api, client, owner, job)
+    assert client.delete(f"/v1/lineages/{lineage}", headers=owner.headers).status_code == 204
+    assert_problem(client.get(f"/v1/jobs/{job}", headers=conditional), 404, "job_not_found")
+    # by another process (the row marked directly): within a poll of the watch, not only
+    # once the key cache expires (made long here, so that only the watch can tell)
+    other = _lineage(client, owner)
+    job = _domain(client, owner, other, corpus, "news")["job"]["id"]
+    _set_status(api, job, "succeeded")
+    ttl, api.state.key_cache.ttl = api.state.key_cache.ttl, 600.0
+    try:
+        conditional = _watched(api, client, owner, job)
+        with api.state.session_factory() as session, session.begin():
+            session.get(Lineage, other).deleted_at = utcnow()
+        assert _wait_until(
+            lambda: client.get(f"/v1/jobs/{job}", headers=conditional).status_code == 404,
+            timeout=30,
+        )
+    finally:
+        api.state.key_cache.ttl = ttl
+        api.state.key_cache.clear()
+
+
+def test_conditional_reads_with_a_revoked_key_are_401(api, client):
+    owner = new_owner(api)
+    lineage = _lineage(client, owner)
+    job = _domain(client, owner, lineage, _corpus(client, owner), "news")["job"]["id"]
+    conditional = _watched(api, client, owner, job)
+    key_id = client.get("/v1/api-keys", headers=owner.headers).json()["data"][0]["id"]
+    assert client.delete(f"/v1/api-keys/{key_id}", headers=owner.headers).status_code == 204
+    assert_problem(client.get(f"/v1/jobs/{job}", headers=conditional), 401)
