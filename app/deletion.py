@@ -8,21 +8,18 @@ so a folder left behind can never be mistaken for a new lineage's. Files go:
 - a lineage's folder (base copy, stage models, importance snapshots, step checkpoints) at
   once when none of its stages trains; with ``force`` a training stage is cancelled
   cooperatively and the folder goes once its worker has stopped: the worker removes it after
-  recording the cancel (``purge_lineage``), and every sweep removes any left behind
-  (``purge_deleted_lineages``).
+  recording the cancel, and every sweep removes any left behind (both in app/purge.py,
+  which the worker imports without the HTTP layer).
 """
 
 from __future__ import annotations
 
-import logging
-
 from sqlalchemy import or_, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.lifecycle import add_event, finish_job, request_cancel
 from app.models import (
     JOB_CANCELLED,
-    JOB_CANCELLING,
     JOB_QUEUED,
     JOB_RUNNING,
     JOB_SUCCEEDED,
@@ -35,12 +32,9 @@ from app.models import (
     utcnow,
 )
 from app.problems import Problem
+from app.purge import TRAINING
 from app.settings import Settings
-from app.storage import lineage_dir, remove_lineage_tree, remove_upload
-
-log = logging.getLogger("das.deletion")
-
-TRAINING = (JOB_RUNNING, JOB_CANCELLING)
+from app.storage import remove_upload
 
 
 def _locked_jobs(session: Session, *conditions) -> list[Job]:  # noqa: ANN002
@@ -118,36 +112,3 @@ def delete_lineage(session: Session, lineage: Lineage, *, force: bool) -> list[i
     lineage.deleted_at = utcnow()
     session.flush()
     return [j.id for j in training]
-
-
-def purge_lineage(settings: Settings, factory: sessionmaker[Session], lineage_id: int) -> bool:
-    """Remove a deleted lineage's folder once none of its jobs trains; True when removed
-    now. Safe to call for any lineage (it does nothing unless the lineage is deleted)."""
-    with factory() as session:
-        lineage = session.get(Lineage, lineage_id)
-        if lineage is None or lineage.deleted_at is None:
-            return False
-        busy = session.scalar(
-            select(Job.id).where(Job.lineage_id == lineage_id, Job.status.in_(TRAINING)).limit(1)
-        )
-    if busy is not None:
-        return False
-    if not remove_lineage_tree(lineage_dir(settings, lineage_id)):
-        log.info("lineage %s: folder still locked by a trainer; removed later", lineage_id)
-        return False
-    with factory() as session, session.begin():
-        row = session.get(Lineage, lineage_id)
-        if row is not None and row.files_removed_at is None:
-            row.files_removed_at = utcnow()
-    return True
-
-
-def purge_deleted_lineages(settings: Settings, factory: sessionmaker[Session]) -> list[int]:
-    """The sweep's part: remove the folders of deleted lineages whose last job stopped."""
-    with factory() as session:
-        pending = session.scalars(
-            select(Lineage.id).where(
-                Lineage.deleted_at.is_not(None), Lineage.files_removed_at.is_(None)
-            )
-        ).all()
-    return [i for i in pending if purge_lineage(settings, factory, i)]

@@ -201,9 +201,9 @@ class JobRunner:
         return outcome
 
     def _purge_if_deleted(self, lineage_id: int) -> None:
-        """Lifecycle hook (app/deletion.py): a lineage deleted with ``force`` while this job
+        """Lifecycle hook (app/purge.py): a lineage deleted with ``force`` while this job
         trained loses its folder now that the job has stopped (no-op otherwise)."""
-        from app.deletion import purge_lineage
+        from app.purge import purge_lineage
 
         try:
             purge_lineage(self.settings, self.factory, lineage_id)

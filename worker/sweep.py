@@ -49,9 +49,9 @@ def sweep(
 
 
 def _purge_deleted(settings: Settings, factory: sessionmaker[Session]) -> None:
-    """Lifecycle hook (app/deletion.py): remove the folders of deleted lineages whose last
+    """Lifecycle hook (app/purge.py): remove the folders of deleted lineages whose last
     job has stopped (a worker that died while cancelling one leaves them to the sweep)."""
-    from app.deletion import purge_deleted_lineages
+    from app.purge import purge_deleted_lineages
 
     try:
         purge_deleted_lineages(settings, factory)

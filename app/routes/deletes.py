@@ -6,8 +6,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import select
 
 from app.auth import Principal
-from app.deletion import delete_corpus, delete_lineage, purge_lineage
+from app.deletion import delete_corpus, delete_lineage
 from app.models import Job
+from app.purge import purge_lineage
 from app.queries import owned_corpus, owned_lineage
 from app.ratelimit import write_access
 from app.schemas_lifecycle import problem_responses

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from app.deletion import purge_deleted_lineages
 from app.models import Corpus, Job, JobEvent, Lineage, utcnow
+from app.purge import purge_deleted_lineages
 from app.storage import lineage_dir, remove_lineage_tree, resolve_stored
 from tests.service.conftest import (
     assert_problem,
