@@ -1,5 +1,5 @@
-"""Owner-scoped lookups (another owner's id is a 404, exactly like an unknown one) and
-cursor pagination."""
+"""Owner-scoped lookups (another owner's id is a 404, exactly like an unknown one; so is a
+deleted lineage or corpus, and the jobs of a deleted lineage) and cursor pagination."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ MAX_ID = 2**31 - 1
 
 def owned(session: Session, model: type[RowT], row_id: int, owner: str, what: str) -> RowT:
     row = session.get(model, row_id) if 0 < row_id <= MAX_ID else None
-    if row is None or getattr(row, "owner", None) != owner:
+    if (
+        row is None
+        or getattr(row, "owner", None) != owner
+        or getattr(row, "deleted_at", None) is not None
+    ):
         raise Problem(404, f"{what}_not_found", f"no {what} with id {row_id}")
     return row
 
@@ -40,7 +44,8 @@ def owned_job(session: Session, job_id: int, owner: str) -> tuple[Job, Stage]:
         session.execute(
             select(Job, Stage)
             .join(Stage, Stage.id == Job.stage_id)
-            .where(Job.id == job_id, Job.owner == owner)
+            .join(Lineage, Lineage.id == Job.lineage_id)
+            .where(Job.id == job_id, Job.owner == owner, Lineage.deleted_at.is_(None))
         ).first()
         if 0 < job_id <= MAX_ID
         else None

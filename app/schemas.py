@@ -182,6 +182,12 @@ class LineageOut(BaseModel):
     general_corpus_id: int | None = Field(description="the general corpus, if any")
     created_at: datetime = Field(description="creation time (UTC)")
     stages: list[StageOut] = Field(description="its stages, in order")
+    forked_from_id: int | None = Field(
+        None, description="a fork's parent lineage (POST .../fork); else null"
+    )
+    forked_from_position: int | None = Field(
+        None, description="the parent's stage the fork branched after; else null"
+    )
 
 
 class DomainCreate(BaseModel):

@@ -105,7 +105,7 @@ def list_corpora(
     session: Session = Depends(get_session),
 ) -> JSONResponse:
     """Your corpora, oldest first, each with its validation report."""
-    stmt = select(Corpus).where(Corpus.owner == principal.owner)
+    stmt = select(Corpus).where(Corpus.owner == principal.owner, Corpus.deleted_at.is_(None))
     rows, has_more, cursor = paginate(session, stmt, Corpus.id, after, limit)
     return json_ok(
         Page[CorpusOut](data=[corpus_out(c) for c in rows], has_more=has_more, next_after=cursor)

@@ -1,4 +1,4 @@
-"""/v1/lineages: lineages, their domains (stages), artifacts and metrics."""
+"""/v1/lineages: lineages, their domains (stages) and metrics (artifacts: artifacts.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app import preflight, quotas
-from app.archives import TarPlan, parse_range
 from app.auth import Principal, authenticate, get_session
 from app.base_files import model_files_problem
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
@@ -26,17 +25,15 @@ from app.lifecycle import add_event, is_runnable, mark_enqueued
 from app.models import (
     JOB_QUEUED,
     JOB_SUCCEEDED,
-    Checkpoint,
     Corpus,
     EvalScore,
-    ImportanceSnapshot,
     Job,
     Lineage,
     Stage,
 )
 from app.presenters import job_out, json_ok, lineage_out, stage_out
 from app.problems import Problem
-from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, owned_lineage, owned_stage, paginate
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, owned_lineage, paginate
 from app.ratelimit import write_access
 from app.schemas import (
     DOMAIN_NAME_PATTERN,
@@ -283,7 +280,7 @@ def list_lineages(
     session: Session = Depends(get_session),
 ) -> JSONResponse:
     """Your lineages, oldest first, each with its ordered stages."""
-    stmt = select(Lineage).where(Lineage.owner == principal.owner)
+    stmt = select(Lineage).where(Lineage.owner == principal.owner, Lineage.deleted_at.is_(None))
     rows, has_more, cursor = paginate(session, stmt, Lineage.id, after, limit)
     return json_ok(
         Page[LineageOut](data=[lineage_out(r) for r in rows], has_more=has_more, next_after=cursor)
@@ -628,127 +625,6 @@ def _domain_fields(fields: dict[str, str]) -> DomainCreate:
             "; ".join(f"{e['field']}: {e['message']}" for e in errors),
             errors=errors,
         ) from exc
-
-
-# -- artifacts ----------------------------------------------------------------------------
-
-
-def succeeded_stage(
-    lineage_id: int,
-    position: int,
-    principal: Principal = Depends(authenticate),
-    session: Session = Depends(get_session),
-) -> Stage:
-    """The caller's stage at ``position`` (404), once it has succeeded (409 before)."""
-    stage = owned_stage(session, lineage_id, position, principal.owner)
-    if stage.job.status != JOB_SUCCEEDED:
-        raise Problem(
-            409,
-            "stage_not_ready",
-            f"stage {position} is {stage.job.status}; artifacts exist once it has succeeded",
-        )
-    return stage
-
-
-def _tar_response(request: Request, session: Session, plan: TarPlan, name: str) -> Response:
-    """The archive, with ETag / If-None-Match and a single byte Range (resumable)."""
-    session.close()  # no transaction is held while the archive streams
-    etag = plan.etag
-    if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers={"ETag": etag})
-    total = plan.content_length
-    headers = {
-        "Content-Disposition": f'attachment; filename="{name}.tar"',
-        "ETag": etag,
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "private, no-cache",
-    }
-    wanted = request.headers.get("range")
-    if_range = request.headers.get("if-range")
-    if wanted and (if_range is None or if_range == etag):
-        span = parse_range(wanted, total)
-        if span is None:
-            raise Problem(
-                416,
-                "range_not_satisfiable",
-                f"the archive has {total} bytes; ask for one range within it",
-                headers={"Content-Range": f"bytes */{total}"},
-            )
-        start, end = span
-        headers.update(
-            {
-                "Content-Length": str(end - start),
-                "Content-Range": f"bytes {start}-{end - 1}/{total}",
-            }
-        )
-        return StreamingResponse(
-            plan.stream(start, end),
-            status_code=206,
-            media_type="application/x-tar",
-            headers=headers,
-        )
-    headers["Content-Length"] = str(total)
-    return StreamingResponse(plan.stream(), media_type="application/x-tar", headers=headers)
-
-
-def _missing_artifact(what: str) -> Problem:
-    return Problem(410, "artifact_missing", f"the {what} files are no longer on the server")
-
-
-def _tar_route(summary: str) -> dict[str, Any]:
-    return {
-        "summary": summary,
-        "response_class": StreamingResponse,
-        "responses": {200: {"content": {"application/x-tar": {}}, "description": "a tar"}},
-    }
-
-
-@router.get(
-    "/{lineage_id}/stages/{position}/checkpoint",
-    **_tar_route("Download a stage's checkpoint (HF directory) as .tar"),
-)
-def download_checkpoint(
-    request: Request,
-    stage: Stage = Depends(succeeded_stage),
-    session: Session = Depends(get_session),
-) -> Response:
-    """The stage's model after training, a Hugging Face directory, as a .tar; resumable (`Range`,
-    `If-Range`) and cacheable (`ETag`, `If-None-Match`). 409 until the stage has succeeded.
-    """
-    checkpoint = session.scalar(
-        select(Checkpoint)
-        .where(Checkpoint.stage_id == stage.id, Checkpoint.final.is_(True))
-        .order_by(Checkpoint.id.desc())
-    )
-    root = resolve_stored(request.app.state.settings, checkpoint.path) if checkpoint else None
-    if root is None or not root.is_dir():
-        raise _missing_artifact("checkpoint")
-    top = f"lineage-{stage.lineage_id}-stage-{stage.position}-{stage.name}"
-    return _tar_response(request, session, TarPlan.of_directory(root, top), top)
-
-
-@router.get(
-    "/{lineage_id}/stages/{position}/importance",
-    **_tar_route("Download a stage's importance snapshots (safetensors) as .tar"),
-)
-def download_importance(
-    request: Request,
-    stage: Stage = Depends(succeeded_stage),
-    session: Session = Depends(get_session),
-) -> Response:
-    """The stage's importance snapshots (`general`, `domain`, `accumulated` safetensors) as a .tar;
-    resumable and cacheable like the checkpoint.
-    """
-    snapshots = session.scalars(
-        select(ImportanceSnapshot)
-        .where(ImportanceSnapshot.stage_id == stage.id)
-        .order_by(ImportanceSnapshot.id)
-    ).all()
-    files: list[Path] = [resolve_stored(request.app.state.settings, s.path) for s in snapshots]
-    if not files or not all(f.is_file() for f in files):
-        raise _missing_artifact("importance")
-    top = f"lineage-{stage.lineage_id}-stage-{stage.position}-{stage.name}-importance"
-    return _tar_response(request, session, TarPlan.of_files(files, top), top)
 
 
 # -- metrics ------------------------------------------------------------------------------
