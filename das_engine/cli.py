@@ -217,7 +217,8 @@ def format_end_task(r: dict) -> str:
     width = max([len(x) for x in r["rows"]] + [8])
     lines = []
     for key, title in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
-        lines.append(f"end-task {title} (linear probe; row = after stage, column = task):")
+        how = "linear probe" if r["settings"].get("mode") == "linear" else "fine-tuned"
+        lines.append(f"end-task {title} ({how}; row = after stage, column = task):")
         lines.append(" " * (width + 2) + " ".join(f"{t[:7]:>7}" for t in r["tasks"]))
         for name, row in zip(r["rows"], r[key], strict=True):
             lines.append(f"{name:<{width}}  " + " ".join(_fmt(x) for x in row))
@@ -250,6 +251,8 @@ def cmd_eval(args) -> None:
         progress=None if args.quiet else _say,
         seed=args.seed,
         test_fraction=args.test_fraction,
+        mode=args.mode,
+        **({"epochs": args.epochs, "lr": args.lr} if args.mode == "finetune" else {}),
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -385,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--seed", type=int, default=0, help="split and classifier seed")
     ev.add_argument("--test-fraction", type=float, default=0.3)
+    ev.add_argument(
+        "--mode",
+        choices=["linear", "finetune"],
+        default="linear",
+        help="linear probe on frozen features (default) or fine-tuning with a linear head",
+    )
+    ev.add_argument("--epochs", type=int, default=3, help="finetune mode: epochs")
+    ev.add_argument("--lr", type=float, default=1e-4, help="finetune mode: AdamW learning rate")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)

@@ -6,6 +6,7 @@ task and scored. Here the classifier is a *linear probe*: the model is frozen, a
 feature is the mean of its last hidden states over non-pad tokens, and a seeded
 logistic regression is fitted on a stratified train split and scored on the rest
 (accuracy and macro-F1). Cheap, deterministic and comparable across stages.
+``mode="finetune"`` trains a copy of the model with a linear head instead (AdamW, seeded).
 
 A labelled task file is JSONL, one ``{"text": str, "label": str | int}`` per line.
 
@@ -161,6 +162,29 @@ def split_examples(
 # -- features and the probe ------------------------------------------------------------------
 
 
+def _batch(tokenizer, texts: Sequence[str], max_length: int, device) -> tuple:
+    """Right-padded ids and mask (pad = pad, else eos, else 0: the mask says what is real)."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, x in enumerate(ids):
+        input_ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[r, : len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _pooled(model: torch.nn.Module, input_ids, mask) -> torch.Tensor:
+    """Mean of the last hidden states over non-pad tokens."""
+    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    hidden = out.hidden_states[-1].float()
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 @torch.no_grad()
 def features(
     model: torch.nn.Module,
@@ -170,35 +194,67 @@ def features(
     batch_size: int = 32,
     max_length: int = 128,
 ) -> np.ndarray:
-    """Mean of the last hidden states over non-pad tokens, one row per text (float32)."""
+    """Mean-pooled last hidden states, one float32 row per text (model in eval mode)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows = []
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                list(texts[start : start + batch_size]), truncation=True, max_length=max_length
-            )
-            ids = enc["input_ids"]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for r, x in enumerate(ids):  # right padding, the mask says what is real
-                input_ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-                mask[r, : len(x)] = 1
-            input_ids, mask = input_ids.to(device), mask.to(device)
-            out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-            hidden = out.hidden_states[-1].float()
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-            rows.append(pooled.cpu().numpy())
+            ids, mask = _batch(tokenizer, texts[start : start + batch_size], max_length, device)
+            rows.append(_pooled(model, ids, mask).cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(rows, axis=0).astype(np.float32)
+
+
+def _finetune_predict(
+    model: torch.nn.Module,
+    tokenizer,
+    train: Sequence[tuple[str, int]],
+    test_texts: Sequence[str],
+    n_classes: int,
+    *,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+) -> np.ndarray:
+    """Fine-tune a copy of the model + a linear head on mean-pooled states (AdamW, seeded)."""
+    import copy
+
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    net = copy.deepcopy(model)
+    hidden = net.config.hidden_size
+    head = torch.nn.Linear(hidden, n_classes).to(device)
+    params = [p for p in net.parameters()] + list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for start in range(0, len(order), batch_size):
+            chunk = [train[k] for k in order[start : start + batch_size]]
+            ids, mask = _batch(tokenizer, [t for t, _ in chunk], max_length, device)
+            y = torch.tensor([c for _, c in chunk], device=device)
+            loss = torch.nn.functional.cross_entropy(head(_pooled(net, ids, mask)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    net.eval()
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(test_texts), batch_size):
+            ids, mask = _batch(
+                tokenizer, test_texts[start : start + batch_size], max_length, device
+            )
+            preds.append(head(_pooled(net, ids, mask)).argmax(-1).cpu().numpy())
+    del net
+    return np.concatenate(preds)
 
 
 def probe(
@@ -213,9 +269,15 @@ def probe(
     max_length: int = 128,
     max_iter: int = 1000,
     C: float = 1.0,
+    epochs: int = 3,
+    lr: float = 1e-4,
     device: str = "auto",
 ) -> dict:
-    """Train a classifier on frozen features of a stratified train split; score the rest.
+    """Train a classifier on a stratified train split; score the held-out rest.
+
+    ``mode="linear"`` (default): logistic regression on frozen mean-pooled features.
+    ``mode="finetune"``: a copy of the model + a linear head trained ``epochs`` epochs with
+    AdamW at ``lr`` (seeded; the caller's model is left untouched).
 
     ``model_or_dir``: a loaded model (used on its current device) or an HF checkpoint
     directory (loaded on ``device``, cuda > cpu; ``tokenizer=None`` loads its tokenizer).
@@ -225,11 +287,8 @@ def probe(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if mode != "linear":
-        raise ConfigError(
-            f"end-task mode {mode!r} is not available; only 'linear' (a linear probe on "
-            "frozen features) is implemented"
-        )
+    if mode not in ("linear", "finetune"):
+        raise ConfigError(f"end-task mode must be 'linear' or 'finetune', got {mode!r}")
     validate_examples(examples)
     train, test = split_examples(examples, test_fraction=test_fraction, seed=seed)
     if isinstance(model_or_dir, torch.nn.Module):
@@ -245,16 +304,30 @@ def probe(
         raise ConfigError("a tokenizer is needed to probe a loaded model")
     classes = sorted({str(ex.label) for ex in examples})
     index = {c: k for k, c in enumerate(classes)}
-    kw = {"batch_size": batch_size, "max_length": max_length}
-    x_train = features(model, tokenizer, [ex.text for ex in train], **kw)
-    x_test = features(model, tokenizer, [ex.text for ex in test], **kw)
-    y_train = np.array([index[str(ex.label)] for ex in train])
     y_test = np.array([index[str(ex.label)] for ex in test])
-    clf = make_pipeline(
-        StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-    )
-    clf.fit(x_train, y_train)
-    pred = clf.predict(x_test)
+    if mode == "finetune":
+        pred = _finetune_predict(
+            model,
+            tokenizer,
+            [(ex.text, index[str(ex.label)]) for ex in train],
+            [ex.text for ex in test],
+            len(classes),
+            seed=seed,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            max_length=max_length,
+        )
+    else:
+        kw = {"batch_size": batch_size, "max_length": max_length}
+        x_train = features(model, tokenizer, [ex.text for ex in train], **kw)
+        x_test = features(model, tokenizer, [ex.text for ex in test], **kw)
+        y_train = np.array([index[str(ex.label)] for ex in train])
+        clf = make_pipeline(
+            StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+        )
+        clf.fit(x_train, y_train)
+        pred = clf.predict(x_test)
     return {
         "accuracy": float(accuracy_score(y_test, pred)),
         "macro_f1": float(

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,8 +90,21 @@ def test_probe_loads_a_checkpoint_dir_and_refuses_other_modes(tmp_path, model_an
     tok.save_pretrained(tmp_path / "m")
     examples = two_vocab_examples(40)
     assert probe(tmp_path / "m", None, examples) == probe(model, tok, examples)
-    with pytest.raises(end_task.ConfigError, match="finetune"):
-        probe(model, tok, examples, mode="finetune")
+    with pytest.raises(end_task.ConfigError, match="'linear' or 'finetune'"):
+        probe(model, tok, examples, mode="svm")
+
+
+@pytest.mark.slow
+def test_finetune_mode_learns_is_seeded_and_leaves_the_model_alone(model_and_tok):
+    model, tok = model_and_tok
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = two_vocab_examples(60)
+    kw = {"mode": "finetune", "epochs": 3, "lr": 1e-3, "batch_size": 8}
+    r = probe(model, tok, examples, **kw)
+    assert r["mode"] == "finetune" and r["accuracy"] >= 0.9
+    assert probe(model, tok, examples, **kw) == r
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @settings(max_examples=30, deadline=None)
@@ -239,6 +253,7 @@ def test_lineage_matrix_shape_storage_and_incremental(two_stage, monkeypatch):
     assert [r[0] for r in third["accuracy"]] == [r[0] for r in first["accuracy"]]
 
 
+@pytest.mark.slow
 def test_cli_eval_prints_both_matrices_and_metrics_shows_them(two_stage):
     lin, tasks, _root = two_stage
     cli = [sys.executable, "-m", "das_engine.cli"]
