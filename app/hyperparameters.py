@@ -112,6 +112,22 @@ FIELDS: dict[str, tuple[str, Range]] = {
     ),
     "adapter_rank": ("Strategy `adapter`: LoRA rank.", (1, 4096, False)),
     "adapter_alpha": ("Strategy `adapter`: LoRA scaling numerator.", (0.0, 1e4, True)),
+    # precision and training loop (docs/engine.md, "Precision and training loop")
+    "save_dtype": (
+        "Dtype of each stage checkpoint; `auto` = the base model's own (bf16 base, bf16 "
+        "checkpoints). Training always keeps float32 master weights.",
+        (None, None, False),
+    ),
+    "lr_scheduler": (
+        "LR schedule of each stage: `constant` (warm-up then constant, the original), "
+        "`linear`, `cosine`, `constant_with_warmup`; warm-up restarts at every stage.",
+        (None, None, False),
+    ),
+    "max_grad_norm": ("Gradient clipping norm; 0 or null = no clipping.", (0.0, 1e6, False)),
+    "gradient_checkpointing": (
+        "Recompute activations in the backward pass: less memory, one more forward.",
+        (None, None, False),
+    ),
 }
 
 _ENUMS_BY_NAME = {"device": ["auto"]}  # the service's own restriction

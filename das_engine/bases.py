@@ -319,8 +319,27 @@ def load_tokenizer(path: Path | str):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_model(path: Path | str):
-    """Load an LM with the head its family trains (MLM or causal)."""
+def checkpoint_dtype(path: Path | str):
+    """The floating dtype a checkpoint is stored in (its config's ``dtype``; float32 when
+    the config names none or a non-float type)."""
+    import torch
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(str(path)), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return dtype
+    return torch.float32
+
+
+def load_model(path: Path | str, dtype="float32"):
+    """Load an LM with the head its family trains (MLM or causal).
+
+    Weights load in float32 by default, whatever the checkpoint's dtype: the optimizer and
+    the soft-mask need full-precision master weights (bf16 weights round small updates
+    away). ``dtype="auto"`` keeps the checkpoint's own dtype (to copy a base unchanged).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     quiet_libraries()
@@ -332,4 +351,8 @@ def load_model(path: Path | str):
             + ", ".join(supported_model_types())
         )
     cls = AutoModelForMaskedLM if family.objective == "mlm" else AutoModelForCausalLM
-    return cls.from_pretrained(str(path))
+    if dtype == "float32":
+        import torch
+
+        dtype = torch.float32
+    return cls.from_pretrained(str(path), dtype=dtype)

@@ -12,6 +12,7 @@ from das_engine.errors import ConfigError
 STRATEGIES = ("das", "ncl", "one", "kd", "ewc", "replay", "adapter")
 MASK_MODES = ("update", "gradient")
 NORMALIZATIONS = ("paper", "one_sided", "rank")
+LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 
 
 @dataclass
@@ -76,6 +77,13 @@ class TrainingConfig:
     replay_beta: float = 0.5  # replay (DER++): weight of the LM loss on replayed chunks
     adapter_rank: int = 8  # adapter: LoRA rank of every adapted projection
     adapter_alpha: float = 16.0  # adapter: LoRA scaling numerator (scale = alpha / rank)
+    # precision and training loop (docs/engine.md, "Precision and training loop")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = base's
+    # "constant": the original schedule (linear warm-up, then constant); the others are
+    # transformers.get_scheduler's. Warm-up (warmup_ratio of the stage) restarts every stage.
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
+    max_grad_norm: float | None = 1.0  # 0 or null: no clipping
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -147,6 +155,15 @@ class TrainingConfig:
         for name in ("freeze_embeddings", "freeze_layernorm", "mask_embeddings", "mask_layernorm"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, f"must be true or false, got {getattr(self, name)!r}")
+        # precision and training loop
+        if self.save_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad("save_dtype", "must be one of auto, float32, bfloat16, float16")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            bad("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
+        if self.max_grad_norm is not None:
+            in_range("max_grad_norm", 0.0, 1e6)
+        if not isinstance(self.gradient_checkpointing, bool):
+            bad("gradient_checkpointing", "must be true or false")
         if self.max_steps is not None and (
             isinstance(self.max_steps, bool)
             or not isinstance(self.max_steps, int)

@@ -21,6 +21,13 @@ class ConfigError(DasError):
     code = "invalid_hyperparameters"
 
 
+class IncompatibleConfigError(ConfigError):
+    """The hyper-parameters are valid but this model or device cannot run them (a block
+    longer than the model's positions, fp16 on a CPU...); raised before any work."""
+
+    code = "incompatible_hyperparameters"
+
+
 class CorpusError(DasError):
     """A corpus file cannot be used (encoding, emptiness, malformed JSONL...)."""
 

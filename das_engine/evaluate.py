@@ -2,6 +2,7 @@
 
 MLM masks are seeded by the batch number alone, so every stage's model is scored on the
 very same masked positions: entries of the loss matrix are comparable across stages.
+Scoring runs under the stage's autocast (``precision``), like training.
 With several processes, batch b is scored by rank b % world and the sums are all-reduced:
 every rank gets the single-process figure.
 """
@@ -9,6 +10,7 @@ every rank gets the single-process figure.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from torch import nn
 from das_engine import distributed
 from das_engine.data import ChunkStore
 from das_engine.objective import Batcher, lm_forward
+from das_engine.precision import Precision
 from das_engine.units import UnitMap
 
 EVAL_SEED = 20230203
@@ -30,6 +33,7 @@ def heldout_loss(
     *,
     batch_size: int,
     max_batches: int,
+    precision: Precision | None = None,
 ) -> float:
     """Token-weighted mean loss over at most ``max_batches`` batches of the split."""
     was_training = model.training
@@ -45,7 +49,8 @@ def heldout_loss(
             rows = store.rows(range(start, min(start + batch_size, len(store))))
             batch = batcher(rows["input_ids"], rows["attention_mask"], seed=EVAL_SEED + b)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = lm_forward(model, unit_map, batch)
+            with precision.autocast() if precision is not None else nullcontext():
+                out = lm_forward(model, unit_map, batch)
             total += float(out.loss) * out.n_predicted
             count += out.n_predicted
     finally:

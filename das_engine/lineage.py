@@ -40,6 +40,8 @@ from das_engine.evaluate import heldout_loss
 from das_engine.importance import Importance, domain_importance, general_importance
 from das_engine.metrics import summarize
 from das_engine.objective import Batcher
+from das_engine.precision import Precision, save_dtype_for, save_pretrained_as
+from das_engine.preflight import preflight
 from das_engine.storage import atomic_dir, read_json, write_json
 from das_engine.strategies import StageContext, make_strategy
 from das_engine.trainer import (
@@ -48,7 +50,6 @@ from das_engine.trainer import (
     ProgressFn,
     Trainer,
     apply_freezing,
-    select_device,
 )
 from das_engine.units import build_unit_map
 
@@ -139,9 +140,10 @@ class Lineage:
             raise LineageError(f"{path} exists and is not empty")
         cfg = config if isinstance(config, TrainingConfig) else TrainingConfig.from_dict(config)
         info = resolve_base(base_model, models_dir, allow_hub=allow_hub)
+        device = preflight(cfg, info.path)  # before anything is written
         path.mkdir(parents=True, exist_ok=True)
         tokenizer = load_tokenizer(info.path)
-        model = load_model(info.path)
+        model = load_model(info.path, dtype="auto")  # the base is copied in its own dtype
         with atomic_dir(path / "base") as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
@@ -163,8 +165,10 @@ class Lineage:
                 block_size=cfg.block_size,
                 objective=info.objective,
             )
+            model = model.float().to(device)  # scored like the stages: fp32 under autocast
             unit_map = build_unit_map(model)
-            loss = lineage._eval(model, unit_map, tokenizer, path / "general" / "eval")
+            precision = Precision.for_stage(cfg, device)
+            loss = lineage._eval(model, unit_map, tokenizer, path / "general" / "eval", precision)
             meta["general"] = {"corpus": str(general_corpus), "base_loss": _finite(loss)}
         write_json(path / "lineage.json", meta)
         return lineage
@@ -226,7 +230,7 @@ class Lineage:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     # -- helpers -------------------------------------------------------------------------
-    def _eval(self, model, unit_map, tokenizer, split_dir: Path) -> float:
+    def _eval(self, model, unit_map, tokenizer, split_dir: Path, precision: Precision) -> float:
         batcher = Batcher(tokenizer, unit_map.objective, self.config.mlm_probability)
         return heldout_loss(
             model,
@@ -235,6 +239,7 @@ class Lineage:
             batcher,
             batch_size=self.config.batch_size,
             max_batches=self.config.eval_max_batches,
+            precision=precision,
         )
 
     def _importance_batches(self, store: ChunkStore, batcher: Batcher, device) -> list[dict]:
@@ -271,12 +276,16 @@ class Lineage:
         corpus = Path(corpus)
         if not corpus.is_file():
             raise LineageError(f"corpus file {corpus} does not exist")
+        device = preflight(self.config, self.base_dir)  # before any stage directory exists
         with self._lock():
-            return self._add_domain(corpus, name, eval_corpus, progress, should_cancel)
+            return self._add_domain(corpus, name, eval_corpus, progress, should_cancel, device)
 
-    def _add_domain(self, corpus, name, eval_corpus, progress, should_cancel) -> StageResult:
+    def _add_domain(
+        self, corpus, name, eval_corpus, progress, should_cancel, device
+    ) -> StageResult:
         started = time.perf_counter()
         cfg = self.config
+        precision = Precision.for_stage(cfg, device)  # this stage's only precision context
         previous = self.stages
         if name in [s.name for s in previous]:
             raise DomainExistsError(f"domain {name!r} is already stage of this lineage")
@@ -336,7 +345,6 @@ class Lineage:
         train_store = ChunkStore(data_dir / "train")
         eval_dir = data_dir / "eval"
 
-        device = select_device(cfg.device)
         strategy = make_strategy(cfg)
         from_base = strategy.starts_from_base or position == 1
         start_dir = self.base_dir if from_base else previous[-1].model_dir
@@ -362,14 +370,15 @@ class Lineage:
                     )
                     base_model = model if from_base else load_model(self.base_dir).to(device)
                     batches = self._importance_batches(train_store, batcher, device)
-                    general = general_importance(
-                        base_model,
-                        build_unit_map(base_model),
-                        batches,
-                        cfg.normalization,
-                        extra,
-                        dropout=cfg.importance_dropout,
-                    )
+                    with precision.autocast_unscaled():
+                        general = general_importance(
+                            base_model,
+                            build_unit_map(base_model),
+                            batches,
+                            cfg.normalization,
+                            extra,
+                            dropout=cfg.importance_dropout,
+                        )
                     if distributed.is_main():  # every rank holds the same all-reduced values
                         general.save(general_path, "general", {"normalization": cfg.normalization})
                 accumulated = general
@@ -386,7 +395,7 @@ class Lineage:
         )
         column: dict[str, float | None] = {}
         column["0" if from_base else str(position - 1)] = _finite(
-            self._eval(model, unit_map, tokenizer, eval_dir)
+            self._eval(model, unit_map, tokenizer, eval_dir, precision)
         )
         for key, mdir in [("0", self.base_dir)] + [
             (str(s.position), s.model_dir) for s in previous
@@ -394,7 +403,9 @@ class Lineage:
             if key in column:
                 continue
             other = load_model(mdir).to(device)
-            column[key] = _finite(self._eval(other, build_unit_map(other), tokenizer, eval_dir))
+            column[key] = _finite(
+                self._eval(other, build_unit_map(other), tokenizer, eval_dir, precision)
+            )
             del other
 
         # train
@@ -420,22 +431,25 @@ class Lineage:
             partial / "checkpoints",
             progress=progress,
             should_cancel=should_cancel,
+            precision=precision,
         )
         summary = trainer.run()
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = trainer.unwrapped_model
         if distributed.any_rank(should_cancel()):
             raise Cancelled("cancelled after the last training step")
         if distributed.is_main():  # finish only saves state files
-            strategy.finish(ctx)
+            with precision.autocast_unscaled():
+                strategy.finish(ctx)
         model = strategy.final_model(model)
 
         # I(t) from the domain's own loss, then I_acc(t) = EMax(I_acc(t-1), I(t))
         if strategy.uses_importance:
             progress(ProgressEvent("importance", 0, 1, message="domain importance"))
             batches = self._importance_batches(train_store, batcher, device)
-            dom = domain_importance(
-                model, unit_map, batches, cfg.normalization, cfg.extra_unit_kinds()
-            )
+            with precision.autocast_unscaled():
+                dom = domain_importance(
+                    model, unit_map, batches, cfg.normalization, cfg.extra_unit_kinds()
+                )
             if distributed.is_main():
                 dom.save(
                     partial / "importance" / "domain.safetensors",
@@ -455,19 +469,21 @@ class Lineage:
         # this stage's row: held-out loss on every domain so far, and the general corpus
         progress(ProgressEvent("evaluating", 0, position, message="held-out evaluation"))
         row = {
-            s.name: _finite(self._eval(model, unit_map, tokenizer, s.eval_dir)) for s in previous
+            s.name: _finite(self._eval(model, unit_map, tokenizer, s.eval_dir, precision))
+            for s in previous
         }
-        row[name] = _finite(self._eval(model, unit_map, tokenizer, eval_dir))
+        row[name] = _finite(self._eval(model, unit_map, tokenizer, eval_dir, precision))
         general_loss = None
         if (self.path / "general" / "eval").exists():
             general_loss = _finite(
-                self._eval(model, unit_map, tokenizer, self.path / "general" / "eval")
+                self._eval(model, unit_map, tokenizer, self.path / "general" / "eval", precision)
             )
 
         if distributed.is_main():  # rank 0 commits the stage (below); the others wait
-            with atomic_dir(partial / "model") as tmp:
-                model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+            # the stage checkpoint in save_dtype (the base's own by default); fp32 masters end
+            save_pretrained_as(
+                model, tokenizer, partial / "model", save_dtype_for(cfg, self.base_dir)
+            )
             shutil.rmtree(partial / "checkpoints", ignore_errors=True)
         seconds = time.perf_counter() - started
         state.update(

@@ -1,5 +1,7 @@
-"""The training loop: device and mixed precision via ``accelerate``, gradient
-accumulation, periodic step checkpoints, exact resume, progress and cooperative cancel.
+"""The training loop: fp32 master weights under autocast (``precision.Precision``, no
+process-wide state), LR schedule with per-stage warm-up, gradient clipping, optional
+gradient checkpointing, gradient accumulation, step checkpoints (the last step included),
+exact resume, progress and cooperative cancel.
 
 Determinism: the data order, the MLM masks and the dropout RNG of step ``s`` are all
 functions of (seed, s), so a run resumed from a checkpoint at step s ends with the same
@@ -19,12 +21,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.nn.utils import clip_grad_norm_
 
 from das_engine import distributed
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore
-from das_engine.errors import Cancelled
+from das_engine.errors import Cancelled, IncompatibleConfigError
 from das_engine.objective import Batcher
+from das_engine.optimizer_state import load_training_state, save_training_state
+from das_engine.precision import Precision, resolve_mode
 from das_engine.storage import atomic_dir
 from das_engine.strategies.base import Strategy
 
@@ -54,11 +59,60 @@ def select_device(preference: str = "auto") -> torch.device:
 
 
 def mixed_precision_for(config: TrainingConfig, device: torch.device) -> str:
-    if config.mixed_precision != "auto":
-        return config.mixed_precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    return resolve_mode(config, device)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, total: int):
+    """The stage's LR schedule; its warm-up (``warmup_ratio`` of this stage's steps) starts
+    again at every stage: re-warming, then re-decaying for linear/cosine, per stage
+    (Ibrahim et al. 2024, "Simple and Scalable Strategies to Continually Pre-train LLMs").
+
+    "constant" is the engine's original schedule, kept bit-for-bit: LR x (s+1)/warmup
+    during warm-up, then constant. The others are ``transformers.get_scheduler``'s (their
+    warm-up starts at LR 0 on the first step)."""
+    warmup = int(config.warmup_ratio * total)
+    if config.lr_scheduler == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: min(1.0, (s + 1) / warmup) if warmup and s < warmup else 1.0,
+        )
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
+    )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """HF gradient checkpointing, non-reentrant: the recomputed forward runs the same
+    forward hooks (DAS gates) and keeps the dropout RNG, so gradients are unchanged.
+    (transformers >= 5.x names it ``activation_checkpointing_enable``; older ones
+    ``gradient_checkpointing_enable``.)"""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise IncompatibleConfigError(
+            f"gradient_checkpointing is not supported by {type(model).__name__}",
+            details=[{"field": "gradient_checkpointing", "message": "not supported by the model"}],
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a KV cache is useless in training and clashes
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def gradient_checkpointing_active(model: nn.Module) -> bool:
+    if hasattr(model, "activation_checkpointing_disable"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
 
 
 def total_steps(config: TrainingConfig, n_train: int) -> int:
@@ -128,9 +182,8 @@ class Trainer:
         progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
         keep_checkpoints: int = 2,
+        precision: Precision | None = None,
     ) -> None:
-        from accelerate import Accelerator
-
         self.config = config
         self.strategy = strategy
         self.train_store = train
@@ -139,26 +192,23 @@ class Trainer:
         self.progress = progress or (lambda _e: None)
         self.should_cancel = should_cancel or (lambda: False)
         self.keep = keep_checkpoints
-        device = next(model.parameters()).device
-        # DDP (several processes) or a no-op; joins the process group before accelerate does
+        self.device = next(model.parameters()).device
+        self.precision = precision or Precision.for_stage(config, self.device)
+        self.scaler = self.precision.grad_scaler()  # fp16 only; this stage's own
+        # DDP (several processes) or a no-op (see das_engine/distributed.py)
         self.replicas = distributed.DataParallel(model, strategy, batcher.objective)
-        self.accelerator = Accelerator(
-            mixed_precision=mixed_precision_for(config, device), cpu=device.type == "cpu"
-        )
         self.total = total_steps(config, len(train))
-        optimizer = torch.optim.AdamW(
+        self.model = model
+        self.optimizer = torch.optim.AdamW(
             _decay_groups(model, config.weight_decay), lr=config.learning_rate
         )
-        warmup = int(config.warmup_ratio * self.total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: min(1.0, (s + 1) / warmup) if warmup and s < warmup else 1.0,
-        )
-        # the model is not handed to accelerate: with several processes it would wrap it in
-        # DDP, hiding base_model / lm_head from the strategies (see das_engine/distributed.py)
-        self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
-        self.scheduler = scheduler
+        self.scheduler = make_scheduler(self.optimizer, config, self.total)
         self.order = SampleOrder(len(train), config.seed)
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The plain model (the one the lineage scores and saves)."""
+        return getattr(self.model, "module", self.model)
 
     # -- checkpoints -------------------------------------------------------------------
     def _checkpoints(self) -> list[tuple[int, Path]]:
@@ -170,38 +220,38 @@ class Trainer:
                 found.append((int(d.name.split("-")[1]), d))
         return sorted(found)
 
-    def save_checkpoint(self, step: int, trained_tokens: int) -> Path:
+    def save_checkpoint(self, step: int, trained_tokens: int, loss: float | None = None) -> Path:
+        """fp32 master weights + optimizer/scheduler/scaler state (no pickles)."""
         target = self.checkpoint_dir / f"step-{step:08d}"
         if not distributed.is_main():  # ranks hold identical weights: rank 0 saves them
             return target
-        model = self.accelerator.unwrap_model(self.model)
         with atomic_dir(target) as tmp:
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                },
-                tmp / "optimizer.pt",
-            )
+            save_model(self.unwrapped_model, str(tmp / "model.safetensors"))
+            save_training_state(tmp, self.optimizer, self.scheduler, self.scaler)
             (tmp / "trainer.json").write_text(
-                json.dumps({"step": step, "trained_tokens": trained_tokens, "total": self.total})
+                json.dumps(
+                    {
+                        "step": step,
+                        "trained_tokens": trained_tokens,
+                        "total": self.total,
+                        "loss": loss,
+                    }
+                )
             )
         for _, old in self._checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
-    def load_latest(self) -> tuple[int, int]:
+    def load_latest(self) -> tuple[int, int, float | None]:
+        """(step, trained tokens, last loss) of the newest checkpoint; (0, 0, None) if none."""
         found = self._checkpoints()
         if not found:
-            return 0, 0
+            return 0, 0, None
         _, path = found[-1]
-        load_model(self.accelerator.unwrap_model(self.model), str(path / "model.safetensors"))
-        state = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_model(self.unwrapped_model, str(path / "model.safetensors"))
+        load_training_state(path, self.optimizer, self.scheduler, self.scaler)
         meta = json.loads((path / "trainer.json").read_text())
-        return int(meta["step"]), int(meta["trained_tokens"])
+        return int(meta["step"]), int(meta["trained_tokens"]), meta.get("loss")
 
     # -- the loop ----------------------------------------------------------------------
     def _micro_batch(self, step: int, micro: int) -> dict:
@@ -211,15 +261,44 @@ class Trainer:
         batch = self.batcher(
             rows["input_ids"], rows["attention_mask"], seed=cfg.seed * 1_000_003 + first
         )
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def run(self) -> TrainSummary:
+        if self.config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.unwrapped_model)
+        try:
+            return self._run()
+        finally:
+            if self.config.gradient_checkpointing:
+                disable_gradient_checkpointing(self.unwrapped_model)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _optimizer_step(self) -> None:
+        """Unscale (fp16), strategy hooks, clip, step; a step the scaler skips (inf/nan
+        gradients) leaves the weights as they were, the update mask included."""
         cfg = self.config
-        start, trained = self.load_latest()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self.strategy.after_backward()
+        if cfg.max_grad_norm:
+            clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.strategy.before_step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.strategy.after_step()
+        self.scheduler.step()
+
+    def _run(self) -> TrainSummary:
+        cfg = self.config
+        start, trained, loss_value = self.load_latest()
         self.model.train()
         started = time.perf_counter()
         tokens_this_run = 0
-        loss_value: float | None = None
         for step in range(start, self.total):
             if distributed.any_rank(self.should_cancel()):
                 raise Cancelled(f"cancelled at step {step} of {self.total}")
@@ -231,20 +310,15 @@ class Trainer:
                 batch = self._micro_batch(step, micro)  # the global micro-batch
                 local, weight = self.replicas.shard(batch)  # this rank's rows of it
                 with self.replicas.sync(micro == cfg.grad_accum - 1):
-                    with self.accelerator.autocast():
+                    with self.precision.autocast():
                         loss, logs = self.replicas.loss(local)
-                    self.accelerator.backward(loss * weight / cfg.grad_accum)
+                    self._backward(loss * weight / cfg.grad_accum)
                 # report the LM loss (comparable across strategies), not the total objective
                 step_loss += weight * logs.get("lm_loss", float(loss.detach())) / cfg.grad_accum
                 n_tok = int(batch["attention_mask"].sum())
                 trained += n_tok
                 tokens_this_run += n_tok
-            self.strategy.after_backward()
-            self.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.strategy.before_step()
-            self.optimizer.step()
-            self.strategy.after_step()
-            self.scheduler.step()
+            self._optimizer_step()
             loss_value = self.replicas.mean(step_loss)
             done = step + 1
             elapsed = time.perf_counter() - started
@@ -254,8 +328,10 @@ class Trainer:
             self.progress(
                 ProgressEvent("training", done, self.total, loss_value, rate, eta, trained)
             )
-            if done % cfg.checkpoint_every == 0 and done < self.total:
-                self.save_checkpoint(done, trained)
+            # the last step too: a crash in the importance/evaluation after training
+            # resumes there instead of retraining up to checkpoint_every steps
+            if done % cfg.checkpoint_every == 0 or done == self.total:
+                self.save_checkpoint(done, trained, loss_value)
         return TrainSummary(
             steps=self.total,
             trained_tokens=trained,

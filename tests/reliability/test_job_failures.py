@@ -213,7 +213,8 @@ def test_disk_full_keeps_the_previous_snapshot_and_a_retry_succeeds(env, monkeyp
     monkeypatch.undo()  # space freed: the same domain, submitted again, trains
     retry = add_domain(client, owner, lineage, "law")
     assert runner.run(retry) == "succeeded"
-    assert _result(client, owner, retry)["resumed_from_step"] == (2 if phase == "training" else 4)
+    # training: the step-2 checkpoint; importance: the final step's (6), no step retrained
+    assert _result(client, owner, retry)["resumed_from_step"] == (2 if phase == "training" else 6)
     metrics = client.get(f"/v1/lineages/{lineage}/metrics", headers=owner.headers).json()
     assert metrics["domains"] == ["news", "law"]
     assert all(v is not None for row in metrics["loss_matrix"] for v in row)
