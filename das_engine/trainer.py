@@ -145,7 +145,7 @@ class Trainer:
             mixed_precision=mixed_precision_for(config, device), cpu=device.type == "cpu"
         )
         self.total = total_steps(config, len(train))
-        optimizer = torch.optim.AdamW(
+        optimizer = strategy.build_optimizer(
             _decay_groups(model, config.weight_decay), lr=config.learning_rate
         )
         warmup = int(config.warmup_ratio * self.total)
