@@ -12,7 +12,7 @@ Two parts:
    copies and the optimizer step's transient, for NCL, the previous DAS implementation
    (dense multipliers + a weight copy around the step) and the current one.
 
-    python benchmarks/memory.py                    # ~3-5 min on 2 CPU cores
+    python benchmarks/memory.py                    # ~2 min on 2 idle CPU cores
     python benchmarks/memory.py --skip-measure     # accounting only (seconds)
 """
 
@@ -246,7 +246,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--skip-measure", action="store_true")
