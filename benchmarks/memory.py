@@ -220,13 +220,13 @@ def account(model, bucket_elements: int | None = None) -> None:
             f"{factor_bytes / 2**20:.2f} MiB"
         )
         plain = [[p for p in g if id(p) not in masked] for g in groups]
-        step_bucket = 2 * bucket * params[0].element_size()
+        scratch = bucket * params[0].element_size()  # the masked step's kept buffer
         for regime, foreach in (("CUDA, foreach", True), ("CPU, single-tensor", False)):
             ncl = 4 * P + torch_transient(groups, foreach)
             rows = {
                 "update": (
                     ncl + 2 * masked_bytes,
-                    4 * P + factor_bytes + max(torch_transient(plain, foreach), step_bucket),
+                    4 * P + factor_bytes + scratch + torch_transient(plain, foreach),
                 ),
                 "gradient": (ncl + masked_bytes, ncl + factor_bytes),
             }
@@ -238,7 +238,8 @@ def account(model, bucket_elements: int | None = None) -> None:
                 )
     print(
         "  (the new update-mode step sends masked parameters through buckets of "
-        f"{bucket / 2**20:.0f}M elements, so its transient is below torch's own)"
+        f"{bucket / 2**20:.0f}M elements with one kept scratch buffer of that size, "
+        "so it needs less than torch's own step)"
     )
 
 

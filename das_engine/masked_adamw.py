@@ -11,9 +11,11 @@ into a transient, scales it by the vectors and adds it to ``w``. The moments ``m
 and the step count are updated from the unmasked gradient, exactly as plain AdamW does,
 and live in the same state entries, so checkpoints load into either class.
 
-Transients are bounded: masked parameters are processed in buckets of at most
-``bucket_elements`` elements (large parameters split into row blocks), one ``_foreach``
-kernel per operation and bucket. Unmasked parameters go through torch's own AdamW.
+No per-step allocation of parameter size: masked parameters are processed in buckets of
+at most ``bucket_elements`` elements (large parameters split into row blocks), a few
+``_foreach`` kernels per bucket, and the Adam denominator lives in one scratch buffer of a
+bucket's size (64 MiB in fp32) kept across steps. Unmasked parameters go through torch's
+own AdamW.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-#: elements per bucket of masked parameters: bounds the step's transients (2 x 64 MiB fp32)
+#: elements per bucket of masked parameters: the size of the step's scratch (64 MiB fp32)
 DEFAULT_BUCKET_ELEMENTS = 1 << 24
 
 
@@ -63,6 +65,7 @@ class MaskedAdamW(torch.optim.AdamW):
                     raise ValueError(f"factor does not broadcast: {shapes}")
             self._factors[id(p)] = tuple(factors)
         self._plans: dict[tuple[int, ...], list] = {}
+        self._scratch: dict[tuple, Tensor] = {}  # per (device, dtype): the step's denominator
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,29 +121,47 @@ class MaskedAdamW(torch.optim.AdamW):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         counts = [float(s) for s in steps]
         for bucket in self._plan(params):
-            w, m, v, factors, step_size, bc2_sqrt = [], [], [], [], [], []
-            for i, rows, fs in bucket:
+            w, m, v, first, scratch, step_size, bc2_sqrt = [], [], [], [], [], [], []
+            two_axes: list[tuple[int, tuple[Tensor, ...]]] = []  # no shipped family has one
+            for j, (i, rows, fs, buf) in enumerate(bucket):
                 w.append(_block(params[i], rows))
                 m.append(_block(exp_avgs[i], rows))
                 v.append(_block(exp_avg_sqs[i], rows))
-                factors.append(fs)
+                first.append(fs[0])
+                scratch.append(buf)
+                if len(fs) > 1:
+                    two_axes.append((j, fs))
                 step_size.append(-lr / (1 - beta1 ** counts[i]))
                 bc2_sqrt.append((1 - beta2 ** counts[i]) ** 0.5)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps)
-            delta = torch._foreach_div(m, denom)
-            del denom
-            torch._foreach_mul_(delta, step_size)
+            # decoupled weight decay, scaled: w <- w - lr * wd * f * w
             if wd != 0:
-                torch._foreach_add_(delta, w, alpha=-lr * wd)
-            for level in range(max(len(f) for f in factors)):
-                hit = [j for j, f in enumerate(factors) if len(f) > level]
-                torch._foreach_mul_([delta[j] for j in hit], [factors[j][level] for j in hit])
-            torch._foreach_add_(w, delta)
+                skip = {j for j, _ in two_axes}
+                one = [j for j in range(len(w)) if j not in skip]
+                torch._foreach_addcmul_(
+                    [w[j] for j in one], [w[j] for j in one], [first[j] for j in one], -lr * wd
+                )
+                for j, fs in two_axes:  # w * f1 * f2 through the scratch, never a dense product
+                    tmp = scratch[j].copy_(w[j])
+                    for f in fs:
+                        tmp.mul_(f)
+                    w[j].add_(tmp, alpha=-lr * wd)
+            # Adam, scaled: the multiplier and -step_size fold into the denominator, so
+            # w + m / (denom / (-step_size * f)) adds -step_size * f * m / denom in one pass
+            # (f = 0 makes the denominator -inf: an exact zero change). The denominator
+            # lives in a scratch buffer kept across steps: no allocation per step.
+            torch._foreach_copy_(scratch, v)
+            torch._foreach_sqrt_(scratch)
+            torch._foreach_div_(scratch, bc2_sqrt)
+            torch._foreach_add_(scratch, eps)
+            torch._foreach_div_(scratch, torch._foreach_mul(first, step_size))
+            for j, fs in two_axes:
+                for f in fs[1:]:
+                    scratch[j].div_(f)
+            torch._foreach_addcdiv_(w, m, scratch)
 
-    def _plan(self, params: list[Tensor]) -> list[list[tuple[int, slice, tuple[Tensor, ...]]]]:
-        """Buckets of (index, row block, factor blocks), at most ``bucket_elements`` each.
+    def _plan(self, params: list[Tensor]) -> list[list[tuple]]:
+        """Buckets of (index, row block, factor blocks, scratch view), at most
+        ``bucket_elements`` elements each, one device and dtype per bucket.
 
         Built once per set of parameters with gradients (normally once per stage); the
         tensors of a step are sliced from it, so state reloaded from a checkpoint is used.
@@ -149,25 +170,53 @@ class MaskedAdamW(torch.optim.AdamW):
         if key in self._plans:
             return self._plans[key]
         budget = self.bucket_elements
-        buckets: list[list[tuple[int, slice, tuple[Tensor, ...]]]] = [[]]
-        size = 0
+        by_kind: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            n_rows = p.shape[0] if p.dim() else 1
-            per_row = p.numel() // n_rows if n_rows else 0
-            block = max(1, budget // max(1, per_row))
-            for lo in range(0, n_rows, block):
-                rows = slice(lo, min(n_rows, lo + block))
-                n = (rows.stop - lo) * per_row
-                if size and size + n > budget:
-                    buckets.append([])
-                    size = 0
+            by_kind.setdefault((p.device, p.dtype), []).append(i)
+        planned: list[tuple[tuple, list[tuple[int, slice, int]]]] = []
+        for kind, indices in by_kind.items():
+            buckets: list[list[tuple[int, slice, int]]] = [[]]
+            size = 0
+            for i in indices:
+                p = params[i]
+                n_rows = p.shape[0] if p.dim() else 1
+                per_row = p.numel() // n_rows if n_rows else 0
+                block = max(1, budget // max(1, per_row))
+                for lo in range(0, n_rows, block):
+                    rows = slice(lo, min(n_rows, lo + block))
+                    n = (rows.stop - lo) * per_row
+                    if size and size + n > budget:
+                        buckets.append([])
+                        size = 0
+                    buckets[-1].append((i, rows, n))
+                    size += n
+            planned.extend((kind, b) for b in buckets if b)
+        need: dict[tuple, int] = {}
+        for kind, b in planned:
+            need[kind] = max(need.get(kind, 0), sum(n for _, _, n in b))
+        if any(self._scratch.get(k, _EMPTY).numel() < n for k, n in need.items()):
+            self._plans.clear()  # their views point into the smaller buffers
+            for (device, dtype), n in need.items():
+                if self._scratch.get((device, dtype), _EMPTY).numel() < n:
+                    self._scratch[(device, dtype)] = torch.empty(n, device=device, dtype=dtype)
+        plan = []
+        for kind, b in planned:
+            flat, offset, entries = self._scratch[kind], 0, []
+            for i, rows, n in b:
+                p = params[i]
+                shape = p.shape if p.dim() == 0 else (rows.stop - rows.start, *p.shape[1:])
+                buf = flat[offset : offset + n].view(shape)
                 factors = tuple(_factor_block(f, rows) for f in self._factors[id(p)])
-                buckets[-1].append((i, rows, factors))
-                size += n
+                entries.append((i, rows, factors, buf))
+                offset += n
+            plan.append(entries)
         if len(self._plans) >= 8:  # grads that come and go: keep the cache small
             self._plans.clear()
-        self._plans[key] = [b for b in buckets if b]
-        return self._plans[key]
+        self._plans[key] = plan
+        return plan
+
+
+_EMPTY = torch.empty(0)
 
 
 def _block(t: Tensor, rows: slice) -> Tensor:
