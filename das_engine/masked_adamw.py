@@ -137,9 +137,9 @@ class MaskedAdamW(torch.optim.AdamW):
             if wd != 0:
                 skip = {j for j, _ in two_axes}
                 one = [j for j in range(len(w)) if j not in skip]
-                torch._foreach_addcmul_(
-                    [w[j] for j in one], [w[j] for j in one], [first[j] for j in one], -lr * wd
-                )
+                if one:
+                    ws = [w[j] for j in one]
+                    torch._foreach_addcmul_(ws, ws, [first[j] for j in one], -lr * wd)
                 for j, fs in two_axes:  # w * f1 * f2 through the scratch, never a dense product
                     tmp = scratch[j].copy_(w[j])
                     for f in fs:
