@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas import StorableText
+
 
 def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error codes a route answers beyond those ``app.main`` documents
@@ -27,7 +29,9 @@ class ForkCreate(BaseModel):
         json_schema_extra={"examples": [{"name": "demo-branch", "from_stage": 1}]},
     )
 
-    name: str = Field(min_length=1, max_length=200)
+    name: StorableText = Field(
+        min_length=1, max_length=200, description="the new lineage's name (any valid Unicode)"
+    )
     from_stage: int | str = Field(
         description="the parent's stage to branch after: its position (1, 2, ...) or its "
         "domain name; it must have succeeded"

@@ -142,6 +142,9 @@ def download_checkpoint(
     stage: Stage = Depends(succeeded_stage),
     session: Session = Depends(get_session),
 ) -> Response:
+    """The stage's model after training, a Hugging Face directory, as a .tar; resumable
+    (`Range`, `If-Range`) and cacheable (`ETag`, `If-None-Match`). 409 until the stage has
+    succeeded."""
     plan, top = checkpoint_plan(request, session, stage)
     return _tar_response(request, session, plan, top)
 
@@ -152,6 +155,8 @@ def head_checkpoint(
     stage: Stage = Depends(succeeded_stage),
     session: Session = Depends(get_session),
 ) -> Response:
+    """The headers GET would send (`Content-Length` of the whole archive, `ETag`,
+    `Content-Type`) without the body, to plan a resumable download."""
     plan, top = checkpoint_plan(request, session, stage)
     return _head_response(request, session, plan, top)
 
@@ -165,6 +170,8 @@ def download_importance(
     stage: Stage = Depends(succeeded_stage),
     session: Session = Depends(get_session),
 ) -> Response:
+    """The stage's importance snapshots (`general`, `domain`, `accumulated` safetensors) as
+    a .tar; resumable and cacheable like the checkpoint."""
     plan, top = importance_plan(request, session, stage)
     return _tar_response(request, session, plan, top)
 
@@ -175,5 +182,6 @@ def head_importance(
     stage: Stage = Depends(succeeded_stage),
     session: Session = Depends(get_session),
 ) -> Response:
+    """The headers GET would send for the importance archive, without the body."""
     plan, top = importance_plan(request, session, stage)
     return _head_response(request, session, plan, top)

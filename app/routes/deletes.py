@@ -21,6 +21,9 @@ router = APIRouter(tags=["lifecycle"])
     status_code=204,
     responses=problem_responses(409, 429),
     summary="Delete a corpus (its file; 409 while an unfinished stage uses it)",
+    description="Removes the corpus file at once (204). 409 `corpus_in_use` while a queued "
+    "or running stage uses it, or while it is the general corpus of a lineage that has not "
+    "trained a stage yet. Finished stages keep naming it; the corpus itself answers 404.",
 )
 def remove_corpus(
     corpus_id: int, request: Request, principal: Principal = Depends(write_access)
@@ -36,6 +39,10 @@ def remove_corpus(
     status_code=204,
     responses=problem_responses(409, 429),
     summary="Delete a lineage and its artifacts (409 while a stage trains, unless force)",
+    description="Cancels its queued jobs and removes its folder: models, importance "
+    "snapshots, tokenized data, step checkpoints (204). 409 `lineage_training` while a "
+    "stage trains, unless `force=true`: then that job is cancelled cooperatively and the "
+    "files go once its worker stopped. The lineage answers 404 from then on.",
 )
 def remove_lineage(
     lineage_id: int,

@@ -271,6 +271,10 @@ def create_fork(
     response_model=LineageOut,
     responses=problem_responses(410),
     summary="Fork a lineage after one of its stages (a new lineage; add domains to it)",
+    description="A new lineage of yours with the parent's base, strategy and "
+    "hyper-parameters, whose stages 1..k are copies of the parent's succeeded stages up to "
+    "`from_stage` (files and records). `from_checkpoint` other than the stage's final step "
+    "is a 422 `checkpoint_not_supported`.",
 )
 def fork_lineage(
     lineage_id: int,

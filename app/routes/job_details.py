@@ -49,14 +49,22 @@ def _statuses(raw: str | None) -> list[str]:
     return wanted
 
 
-@router.get("", response_model=Page[JobOut], summary="List your jobs (filter by status, lineage)")
+@router.get(
+    "",
+    response_model=Page[JobOut],
+    summary="List your jobs (filter by status, lineage)",
+    description="All your jobs, oldest first, as a cursor page; `status` takes one status "
+    "or several comma-separated, `lineage_id` one of your lineages (another owner's: 404).",
+)
 def list_jobs(
     status: str | None = Query(
         None, max_length=200, description="one status or several, comma-separated"
     ),
-    lineage_id: int | None = Query(None),
-    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
-    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    lineage_id: int | None = Query(None, description="only this lineage's jobs"),
+    after: str | None = Query(
+        None, max_length=18, pattern=r"^[0-9]*$", description="cursor: `next_after` of a page"
+    ),
+    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="page size"),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
@@ -181,6 +189,9 @@ def list_checkpoints(
     "/{job_id}/checkpoints",
     response_model=CheckpointList,
     summary="A job's checkpoints: the final one, or the step checkpoints while it trains",
+    description="For a succeeded job its final checkpoint with a download URL; while it "
+    "trains, the step checkpoints on disk (for resuming: weights and optimizer state, not "
+    "downloadable; the older ones are deleted as training goes).",
 )
 def get_checkpoints(
     job_id: int,
@@ -241,6 +252,9 @@ def step_series(session: Session, job: Job) -> list[StepMetric]:
     "/{job_id}/metrics",
     response_model=JobMetricsOut,
     summary="A job's training curve (per-step loss, tokens/s) and its held-out losses",
+    description="`series`: step, train loss, tokens/s, trained tokens and elapsed time from "
+    "the stored progress events; `eval_loss` / `eval_losses` / `general_loss`: the stage's "
+    "held-out losses once it has succeeded.",
 )
 def get_job_metrics(
     job_id: int,

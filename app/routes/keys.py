@@ -34,10 +34,17 @@ def _new_key(session: Session, owner: str) -> dict:
     return ApiKeyCreated(**key_out(row).model_dump(), key=key).model_dump(mode="json")
 
 
-@router.get("", response_model=Page[ApiKeyOut], summary="List your API keys (never the secret)")
+@router.get(
+    "",
+    response_model=Page[ApiKeyOut],
+    summary="List your API keys (never the secret)",
+    description="Your owner's keys, oldest first: id, prefix, created_at, revoked_at.",
+)
 def list_keys(
-    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
-    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    after: str | None = Query(
+        None, max_length=18, pattern=r"^[0-9]*$", description="cursor: `next_after` of a page"
+    ),
+    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="page size"),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
@@ -53,6 +60,8 @@ def list_keys(
     status_code=201,
     response_model=ApiKeyCreated,
     summary="Create another API key for your owner (the secret is shown once)",
+    description="201 with the new key's secret, shown only in this answer (it is stored "
+    "hashed). Not idempotent: a replay would need the secret stored.",
 )
 def create_key(request: Request, principal: Principal = Depends(write_access)) -> JSONResponse:
     with request.app.state.session_factory() as session, session.begin():
@@ -64,6 +73,8 @@ def create_key(request: Request, principal: Principal = Depends(write_access)) -
     status_code=204,
     responses=problem_responses(429),
     summary="Revoke an API key (it answers 401 then)",
+    description="Sets `revoked_at` (204); every request with that key is then a 401 "
+    "(conditional reads in other API processes within `DAS_AUTH_CACHE_SECONDS`).",
 )
 def revoke_key(
     key_id: int, request: Request, principal: Principal = Depends(write_access)
@@ -81,6 +92,8 @@ def revoke_key(
     status_code=201,
     response_model=ApiKeyCreated,
     summary="Rotate an API key: a new key (shown once) replaces it, the old one is revoked",
+    description="201 with a new key for the same owner, shown once; the old key is revoked "
+    "in the same transaction (409 `api_key_revoked` if it already was).",
 )
 def rotate_key(
     key_id: int, request: Request, principal: Principal = Depends(write_access)
