@@ -199,7 +199,7 @@ class Trainer:
         self.replicas = distributed.DataParallel(model, strategy, batcher.objective)
         self.total = total_steps(config, len(train))
         self.model = model
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = strategy.build_optimizer(
             _decay_groups(model, config.weight_decay), lr=config.learning_rate
         )
         self.scheduler = make_scheduler(self.optimizer, config, self.total)

@@ -1,7 +1,8 @@
 """The small interface every continual-learning strategy implements.
 
-The trainer calls, per stage: ``prepare`` once, then per optimizer step ``loss`` (per
-micro-batch), ``after_backward``, ``before_step``, ``after_step``; the lineage then calls
+The trainer calls, per stage: ``prepare`` once, ``build_optimizer`` once, then per
+optimizer step ``loss`` (per micro-batch), ``after_backward``, ``before_step``,
+``after_step``; the lineage then calls
 ``finish`` and saves ``final_model``. A strategy is a recipe
 over the tested components (units, importance, softmask, contrastive).
 """
@@ -61,6 +62,11 @@ class Strategy:
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         out = lm_forward(model, self.ctx.unit_map, batch)
         return out.loss, {"lm_loss": float(out.loss.detach())}
+
+    def build_optimizer(self, params, **adamw_kwargs) -> torch.optim.Optimizer:
+        """The stage's optimizer over ``params`` (parameters or groups); AdamW unless a
+        strategy folds something into the step (DAS's update mask)."""
+        return torch.optim.AdamW(params, **adamw_kwargs)
 
     def after_backward(self) -> None:
         pass

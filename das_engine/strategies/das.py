@@ -7,7 +7,8 @@ domain t"). One step, in the spec's order:
    without dropout gets ``importance_dropout`` on the o+ half only);
 3. o_prev: the gated "previous knowledge" view, gates = I_acc, no gradient;
 4. L_DAP = L_MLM + lambda * InfoNCE(o, o+, o_prev);
-5. the optimizer's change to unit-writing parameters is scaled by (1 - I_acc).
+5. the optimizer's change to unit-writing parameters is scaled by (1 - I_acc): inside the
+   AdamW step (update mode, ``build_optimizer``) or on the gradients (gradient mode).
 """
 
 from __future__ import annotations
@@ -91,14 +92,11 @@ class DAS(Strategy):
         return total, {"lm_loss": float(lm_loss.detach()), "contrast": float(contrast.detach())}
 
     # (5)
+    def build_optimizer(self, params, **adamw_kwargs) -> torch.optim.Optimizer:
+        if self.mask is None:
+            return super().build_optimizer(params, **adamw_kwargs)
+        return self.mask.optimizer(params, **adamw_kwargs)
+
     def after_backward(self) -> None:
         if self.mask is not None:
             self.mask.after_backward()
-
-    def before_step(self) -> None:
-        if self.mask is not None:
-            self.mask.before_step()
-
-    def after_step(self) -> None:
-        if self.mask is not None:
-            self.mask.after_step()

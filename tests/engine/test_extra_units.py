@@ -98,15 +98,14 @@ def test_update_mask_on_embedding_rows_and_norms_is_exact(tokenizer, mlm_batch):
     free = copy.deepcopy(model)
 
     def step(m, mask):
-        opt = torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.1)
+        kw = {"lr": 0.05, "weight_decay": 0.1}
+        opt = mask.optimizer(m.parameters(), **kw) if mask else torch.optim.AdamW(
+            m.parameters(), **kw
+        )
         for _ in range(2):
             opt.zero_grad()
             lm_forward(m, build_unit_map(m), mlm_batch).loss.backward()
-            if mask:
-                mask.before_step()
             opt.step()
-            if mask:
-                mask.after_step()
 
     mask = SoftMask(um, imp, "update", UNIT_KINDS + EXTRA_KINDS)
     step(model, mask)
