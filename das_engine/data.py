@@ -566,36 +566,67 @@ def build_datasets(
     if writers["train"].chunks and writers["eval"].chunks:
         return _counts(writers)
 
-    # too few documents for a document-level split (so the corpus is small): hold out
-    # every k-th chunk instead. The chunks of all documents in one stream are those of the
-    # split that got every document; else (documents without tokens) count them again.
-    def stream() -> Iterator[ChunkBlock]:
-        docs = iter_documents(corpus, max_line_chars=max_line_chars)
-        return chunk_blocks(docs, tokenizer, block_size, objective, procs)
-
+    # too few documents for a document-level split (so the corpus is small, or a few huge
+    # documents): hold out every k-th chunk of the whole stream instead. When one split got
+    # every document its store *is* that stream, read back rather than tokenized again.
     whole = [s for s in writers if docs_in[s] == n_docs]
-    total = writers[whole[0]].chunks if whole else sum(len(b) for b in stream())
-    if total < 2:
-        raise CorpusError(
-            f"{Path(corpus).name}: too little text: it must fill at least two chunks of "
-            f"{block_size} tokens (one to train on, one to evaluate)"
+    source = out_dir / f".{whole[0]}.all" if whole else None
+    if source is not None:
+        if source.exists():
+            shutil.rmtree(source)
+        (out_dir / whole[0]).rename(source)
+        total = writers[whole[0]].chunks
+    else:  # documents without any token went to the other split: count the stream
+        total = sum(
+            len(b) for b in _stream(corpus, tokenizer, block_size, objective, procs, max_line_chars)
         )
-    k = min(max(2, round(1 / eval_fraction)), total)  # every split gets >= 1 chunk
-    writers = {"train": SplitWriter(out_dir / "train"), "eval": SplitWriter(out_dir / "eval")}
-    first = 0  # number of the block's first chunk in the stream
     try:
-        for block in stream():
-            held = (np.arange(first, first + len(block)) + 1) % k == 0
-            first += len(block)
-            for split, pick in (("eval", held), ("train", ~held)):
-                if pick.any():
-                    writers[split].add_block(
-                        ChunkBlock(block.input_ids[pick], block.attention_mask[pick])
-                    )
+        if total < 2:
+            raise CorpusError(
+                f"{Path(corpus).name}: too little text: it must fill at least two chunks of "
+                f"{block_size} tokens (one to train on, one to evaluate)"
+            )
+        k = min(max(2, round(1 / eval_fraction)), total)  # every split gets >= 1 chunk
+        blocks = (
+            read_blocks(source)
+            if source is not None
+            else _stream(corpus, tokenizer, block_size, objective, procs, max_line_chars)
+        )
+        writers = {"train": SplitWriter(out_dir / "train"), "eval": SplitWriter(out_dir / "eval")}
+        first = 0  # number of the block's first chunk in the stream
+        try:
+            for block in blocks:
+                held = (np.arange(first, first + len(block)) + 1) % k == 0
+                first += len(block)
+                for split, pick in (("eval", held), ("train", ~held)):
+                    if pick.any():
+                        writers[split].add_block(
+                            ChunkBlock(block.input_ids[pick], block.attention_mask[pick])
+                        )
+        finally:
+            for w in writers.values():
+                w.close()
     finally:
-        for w in writers.values():
-            w.close()
+        if source is not None:
+            shutil.rmtree(source, ignore_errors=True)
     return _counts(writers)
+
+
+def _stream(corpus, tokenizer, block_size: int, objective: str, procs: int, max_line_chars: int):
+    docs = iter_documents(corpus, max_line_chars=max_line_chars)
+    return chunk_blocks(docs, tokenizer, block_size, objective, procs)
+
+
+def read_blocks(split_dir: Path) -> Iterator[ChunkBlock]:
+    """The chunks of a written split, one ``ChunkBlock`` per Arrow record batch."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(Path(split_dir) / SplitWriter.FILE)) as source:
+        for batch in pa.ipc.open_stream(source):
+            n = batch.num_rows
+            ids = batch.column(0).flatten().to_numpy().reshape(n, -1)
+            mask = batch.column(1).flatten().to_numpy().reshape(n, -1)
+            yield ChunkBlock(ids.astype(np.int32), mask.astype(np.int8))
 
 
 def write_rows(rows, target: Path) -> SplitWriter:

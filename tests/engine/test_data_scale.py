@@ -158,7 +158,7 @@ class IdTokenizer:
 
     def __call__(self, docs, add_special_tokens=False):
         assert not add_special_tokens
-        return {"input_ids": [[int(t) for t in d.split()] for d in docs]}
+        return {"input_ids": [[int(t) for t in d.split() if t.isdigit()] for d in docs]}
 
 
 def file_bytes(path):
@@ -218,6 +218,7 @@ def test_stores_are_byte_identical_to_the_previous_implementation(
     assert new == old
     assert new["train_chunks"] > 0 and new["eval_chunks"] > 0
     assert_same_stores(tmp_path / "new", tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["eval", "train"]
     # the separate evaluation / general corpus path cuts the same stream
     build_single_split(
         corpus, tokenizer, tmp_path / "single", block_size=block_size, objective=objective
@@ -252,6 +253,23 @@ def test_parallel_tokenization_gives_the_same_stores(fixture_corpora, tokenizer,
     parallel = [ids for batch in encode_batches(iter(docs), tokenizer, 2) for ids in batch]
     assert len(serial) == len(parallel) == len(docs)
     assert all(np.array_equal(a, b) for a, b in zip(serial, parallel, strict=True))
+
+
+def test_a_split_of_documents_without_tokens_falls_back_as_before(tmp_path):
+    """A held-out document that tokenizes to nothing leaves that split empty: the every k-th
+    chunk rule then applies to the stream of all documents (counted again)."""
+    tok = IdTokenizer(cls=0, sep=2, pad=1)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(str(5 + i % 40) for i in range(300)) + "\n\nnot-a-number\n")
+    seed = next(
+        s for s in range(100) if data._held_out(s, 1, 0.5) and not data._held_out(s, 0, 0.5)
+    )
+    kw = dict(block_size=16, objective="mlm", eval_fraction=0.5, seed=seed)
+    old = legacy_build(corpus, tok, tmp_path / "old", **kw)
+    assert old["eval_chunks"] > 0 and old["train_chunks"] > 0
+    assert build_datasets(corpus, tok, tmp_path / "new", **kw, num_proc=1) == old
+    assert_same_stores(tmp_path / "new", tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["eval", "train"]
 
 
 # -- the chunker against the reference on arbitrary id streams ------------------------------
