@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from das_engine.errors import CorpusError
+from das_engine.errors import ConfigError, CorpusError
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_PROBLEMS = 20
@@ -263,7 +263,7 @@ def default_num_proc(corpus: Path | None) -> int:
         try:
             return max(1, int(env))
         except ValueError:
-            raise CorpusError(f"{NUM_PROC_ENV} must be an integer, got {env!r}") from None
+            raise ConfigError(f"{NUM_PROC_ENV} must be an integer, got {env!r}") from None
     if corpus is None:
         return 1
     size = Path(corpus).stat().st_size

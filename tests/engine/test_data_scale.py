@@ -29,6 +29,7 @@ from das_engine.data import (
     encode_batches,
     iter_documents,
 )
+from das_engine.errors import ConfigError
 
 from .conftest import COOKING, LEGAL, write_corpus
 
@@ -359,7 +360,7 @@ def test_default_num_proc(tmp_path, monkeypatch):
     monkeypatch.setenv(data.NUM_PROC_ENV, "3")
     assert default_num_proc(small) == 3
     monkeypatch.setenv(data.NUM_PROC_ENV, "many")
-    with pytest.raises(data.CorpusError, match=data.NUM_PROC_ENV):
+    with pytest.raises(ConfigError, match=data.NUM_PROC_ENV):
         default_num_proc(small)
 
 
