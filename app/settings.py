@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -55,6 +55,27 @@ class Settings(BaseSettings):
         1 << 20, validation_alias=_env("DAS_MAX_JSON_BYTES", "max_json_bytes")
     )
 
+    # -- pre-flight checks and per-owner quotas (0: no limit) ------------------------------
+    # the device class of the workers: the API cannot see it, and refuses what that class
+    # cannot run (fp16 mixed precision on a CPU)
+    worker_device: Literal["cpu", "cuda"] = Field(
+        "cpu", validation_alias=_env("DAS_WORKER_DEVICE", "worker_device")
+    )
+    # tokens one job may process: max_steps * batch_size * grad_accum * block_size
+    max_job_tokens: int = Field(
+        10_000_000_000, ge=0, validation_alias=_env("DAS_MAX_JOB_TOKENS", "max_job_tokens")
+    )
+    # jobs of one owner not yet finished (queued, running, cancelling)
+    max_active_jobs: int = Field(
+        16, ge=0, validation_alias=_env("DAS_MAX_ACTIVE_JOBS_PER_OWNER", "max_active_jobs")
+    )
+    # bytes of one owner's uploaded corpora
+    max_storage_bytes: int = Field(
+        100 << 30,
+        ge=0,
+        validation_alias=_env("DAS_MAX_STORAGE_BYTES_PER_OWNER", "max_storage_bytes"),
+    )
+
     # -- abuse control -------------------------------------------------------------------
     rate_limit_per_minute: float = Field(
         600.0, validation_alias=_env("DAS_RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute")
@@ -64,6 +85,28 @@ class Settings(BaseSettings):
     )
     idempotency_ttl_seconds: int = Field(
         86400, validation_alias=_env("DAS_IDEMPOTENCY_TTL_SECONDS", "idempotency_ttl_seconds")
+    )
+
+    # -- status reads --------------------------------------------------------------------
+    # one shared poll per watched job and API process feeds every stream and conditional
+    # read of it: a change reaches clients within one tick
+    stream_poll_seconds: float = Field(
+        0.05, gt=0, validation_alias=_env("DAS_STREAM_POLL_SECONDS", "stream_poll_seconds")
+    )
+    stream_keepalive_seconds: float = Field(
+        15.0,
+        gt=0,
+        validation_alias=_env("DAS_STREAM_KEEPALIVE_SECONDS", "stream_keepalive_seconds"),
+    )
+    # a stream is closed after this long (without `event: end`): EventSource reconnects
+    # with Last-Event-ID, and no connection is held for ever
+    stream_max_seconds: float = Field(
+        600.0, gt=0, validation_alias=_env("DAS_STREAM_MAX_SECONDS", "stream_max_seconds")
+    )
+    # conditional reads (If-None-Match) trust a verified key for this long: a revoked key
+    # can still get 304s from this process for at most that time
+    auth_cache_seconds: float = Field(
+        2.0, ge=0, validation_alias=_env("DAS_AUTH_CACHE_SECONDS", "auth_cache_seconds")
     )
 
     # -- worker --------------------------------------------------------------------------

@@ -6,6 +6,8 @@ das-engine add --lineage lineage/ domain3.txt
 das-engine metrics --lineage lineage/ [--json]
 das-engine fork --lineage lineage/ --stage 1 --out branch/
 das-engine bases [--models-dir DIR]
+
+Several GPUs (DDP, one process each): torchrun --nproc_per_node 4 -m das_engine.cli run ...
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+from das_engine import distributed
 from das_engine.errors import CorpusError, DasError
 
 # flags that map onto TrainingConfig fields (None = not given, keep the default)
@@ -131,11 +134,18 @@ def format_metrics(m: dict) -> str:
 def _finish(lineage, args) -> None:
     from das_engine.storage import write_json
 
+    if not distributed.is_main():  # rank 0 reports for the whole job
+        return
     metrics = lineage.metrics()
     print(format_metrics(metrics))
     if getattr(args, "json", False):
         write_json(lineage.path / "metrics.json", metrics)
         print(f"metrics written to {lineage.path / 'metrics.json'}")
+
+
+def _say(line: str) -> None:
+    if distributed.is_main():
+        print(line, file=sys.stderr)
 
 
 def cmd_run(args) -> None:
@@ -147,17 +157,21 @@ def cmd_run(args) -> None:
     missing = [str(p) for _, p in domains if not p.is_file()]
     if missing:
         raise CorpusError(f"corpus file(s) not found: {', '.join(missing)}")
-    lineage = Lineage.create(
-        Path(args.out),
-        args.base,
-        config,
-        general_corpus=Path(args.general_corpus) if args.general_corpus else None,
-        models_dir=Path(args.models_dir) if args.models_dir else None,
-        allow_hub=args.allow_hub,
+    lineage = distributed.run_on_main(
+        lambda: Lineage.create(
+            Path(args.out),
+            args.base,
+            config,
+            general_corpus=Path(args.general_corpus) if args.general_corpus else None,
+            models_dir=Path(args.models_dir) if args.models_dir else None,
+            allow_hub=args.allow_hub,
+        )
     )
-    printer = ProgressPrinter(args.quiet)
+    if lineage is None:  # under torchrun: the other ranks open what rank 0 created
+        lineage = Lineage.open(Path(args.out))
+    printer = ProgressPrinter(args.quiet or not distributed.is_main())
     for name, path in domains:
-        print(f"== stage {len(lineage.stages) + 1}: {name} ({path})", file=sys.stderr)
+        _say(f"== stage {len(lineage.stages) + 1}: {name} ({path})")
         lineage.add_domain(path, name, progress=printer)
         printer.close()
     _finish(lineage, args)
@@ -167,14 +181,14 @@ def cmd_add(args) -> None:
     from das_engine.lineage import Lineage
 
     lineage = Lineage.open(Path(args.lineage))
-    printer = ProgressPrinter(args.quiet)
+    printer = ProgressPrinter(args.quiet or not distributed.is_main())
     domains = _domain_args(args.corpora)
     if args.name:
         if len(domains) != 1:
             raise DasError("--name applies to a single corpus")
         domains = [(args.name, domains[0][1])]
     for name, path in domains:
-        print(f"== stage {len(lineage.stages) + 1}: {name} ({path})", file=sys.stderr)
+        _say(f"== stage {len(lineage.stages) + 1}: {name} ({path})")
         lineage.add_domain(
             path,
             name,
@@ -206,10 +220,18 @@ def cmd_bases(args) -> None:
 
 
 def cmd_init_base(args) -> None:
-    from das_engine.bases import build_tiny_model, save_base, train_tokenizer
+    from das_engine.bases import DECODER_ARCHITECTURES, build_tiny_model, save_base, train_tokenizer
+    from das_engine.errors import ConfigError
 
+    if not 0.0 <= args.dropout <= 0.9:
+        raise ConfigError(f"--dropout must be in [0, 0.9], got {args.dropout}")
     files = [Path(f) for f in args.from_corpus]
-    tokenizer = train_tokenizer(files, vocab_size=args.vocab_size, max_length=args.max_positions)
+    tokenizer = train_tokenizer(
+        files,
+        vocab_size=args.vocab_size,
+        max_length=args.max_positions,
+        decoder=args.arch in DECODER_ARCHITECTURES,
+    )
     model = build_tiny_model(
         tokenizer,
         architecture=args.arch,
@@ -219,6 +241,7 @@ def cmd_init_base(args) -> None:
         intermediate_size=args.intermediate_size,
         max_positions=args.max_positions,
         seed=args.seed,
+        dropout=args.dropout,
     )
     out = Path(args.out)
     save_base(model, tokenizer, out)
@@ -311,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     ib = sub.add_parser("init-base", help="build a small base model + tokenizer locally")
     ib.add_argument("--out", required=True)
     ib.add_argument("--from-corpus", nargs="+", required=True, help="text to train the tokenizer")
-    ib.add_argument("--arch", default="roberta", choices=["roberta", "gpt2", "llama"])
+    ib.add_argument(
+        "--arch", "--family", dest="arch", default="roberta", choices=["roberta", "gpt2", "llama"]
+    )
     ib.add_argument("--vocab-size", type=int, default=4000)
     ib.add_argument("--hidden-size", type=int, default=64)
     ib.add_argument("--layers", type=int, default=2)
@@ -320,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--max-positions", type=int, default=512)
     ib.add_argument("--pretrain-steps", type=int, default=0)
     ib.add_argument("--seed", type=int, default=0)
+    ib.add_argument(
+        "--dropout",
+        type=float,
+        default=0.1,
+        help="every dropout of the model config (0 like real Llama: DAS then adds "
+        "importance_dropout to its two-view objectives only)",
+    )
     ib.set_defaults(func=cmd_init_base)
     return p
 
@@ -327,13 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        if args.func in (cmd_run, cmd_add):  # every rank trains (data parallel)
+            args.func(args)
+        else:  # under torchrun, one rank does the rest
+            distributed.run_on_main(lambda: args.func(args))
     except DasError as exc:
         print(f"das-engine: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("das-engine: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -197,7 +197,18 @@ class JobRunner:
             # was acknowledged by a dying connection. Sends nothing unless the lineage's
             # first unfinished stage is queued.
             self.enqueue_next(context.lineage_id)
+            self._purge_if_deleted(context.lineage_id)
         return outcome
+
+    def _purge_if_deleted(self, lineage_id: int) -> None:
+        """Lifecycle hook (app/purge.py): a lineage deleted with ``force`` while this job
+        trained loses its folder now that the job has stopped (no-op otherwise)."""
+        from app.purge import purge_lineage
+
+        try:
+            purge_lineage(self.settings, self.factory, lineage_id)
+        except Exception:  # noqa: BLE001 - the sweep tries again
+            log.warning("lineage %s: files not removed yet", lineage_id, exc_info=True)
 
     def enqueue_next(self, lineage_id: int) -> None:
         def next_job() -> int | None:
