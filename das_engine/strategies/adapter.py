@@ -1,54 +1,45 @@
 """Adapter (the paper's Adapter-ONE): a frozen backbone and one LoRA adapter per domain.
 
 Each stage starts from the base model, freezes every weight, and trains only low-rank
-deltas W + (alpha / r) * B A on every 2-D projection of the transformer layers (query,
-key, value, attention output, FFN in and out; B starts at zero, so training starts at the
-base model). The deltas are weight parametrizations, not model code, so any family with a
-unit map works. At the end of the stage the adapter is saved as
-``strategy/adapter.safetensors`` and *merged* into the weights: the stage checkpoint is a
-plain transformers model that loads without any adapter library.
+adapters (``peft`` LoRA, rank ``adapter_rank``, scale ``adapter_alpha / adapter_rank``) on
+every 2-D projection of the transformer layers (query, key, value, attention output, FFN
+in and out; B starts at zero, so training starts at the base model). The projections come
+from the unit map's layers, so any family with a unit map works. LoRA runs as a side path
+``x A^T B^T`` (nothing of the size of W is rebuilt per forward).
+
+``peft`` injects its layers into the model object in place, so the trainer, the step
+checkpoints (the model's own state dict, LoRA keys included) and exact resume see one
+model throughout. At the end of the stage the adapter is saved as the stage's
+``adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
+``peft.PeftModel.from_pretrained`` on the base) and *merged* into the weights: the stage
+checkpoint is a plain transformers model that loads without any adapter library.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
-from torch.nn.utils import parametrize
 
-from das_engine.storage import atomic_path
+from das_engine.storage import atomic_dir
 from das_engine.strategies.base import StageContext, Strategy
 
-FILE = "adapter.safetensors"
+DIR = "adapter"  # under the stage directory
 
 
-class LoRADelta(nn.Module):
-    """weight -> weight + scale * B @ A, for a 2-D weight of shape [rows, cols]."""
-
-    def __init__(self, rows: int, cols: int, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, cols))
-        self.B = nn.Parameter(torch.zeros(rows, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.scale = alpha / rank
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.scale * (self.B @ self.A).to(weight.dtype)
-
-
-def adapted_modules(ctx: StageContext) -> list[tuple[str, nn.Module]]:
-    """Every module with a 2-D ``weight`` inside the transformer layers."""
-    out = []
-    for i, layer in enumerate(ctx.unit_map.layers):
-        for name, module in layer.named_modules():
+def adapted_modules(ctx: StageContext) -> list[str]:
+    """Full names of every module with a 2-D ``weight`` inside the transformer layers."""
+    inside: list[nn.Module] = []
+    for layer in ctx.unit_map.layers:
+        for module in layer.modules():
             w = getattr(module, "weight", None)
             if isinstance(module, nn.Embedding) or not isinstance(w, nn.Parameter):
                 continue
             if w.dim() == 2:
-                out.append((f"layer{i}.{name}", module))
-    return out
+                inside.append(module)
+    wanted = {id(m) for m in inside}
+    return [name for name, m in ctx.model.named_modules() if id(m) in wanted]
 
 
 class Adapter(Strategy):
@@ -56,34 +47,43 @@ class Adapter(Strategy):
     starts_from_base = True
 
     def prepare(self, ctx: StageContext) -> None:
+        from peft import LoraConfig, get_peft_model
+
         super().prepare(ctx)
         cfg = self.config
-        for p in ctx.model.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(cfg.seed)
-        self.adapted: list[tuple[str, nn.Module]] = []
-        for name, module in adapted_modules(ctx):
-            rows, cols = module.weight.shape
-            delta = LoRADelta(rows, cols, cfg.adapter_rank, cfg.adapter_alpha)
-            delta.to(module.weight.device)
-            parametrize.register_parametrization(module, "weight", delta)
-            self.adapted.append((name, module))
+        targets = adapted_modules(ctx)
+        conv1d = [type(ctx.model.get_submodule(n)).__name__ == "Conv1D" for n in targets]
+        lora = LoraConfig(
+            r=cfg.adapter_rank,
+            lora_alpha=cfg.adapter_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+            fan_in_fan_out=bool(conv1d) and all(conv1d),  # GPT-2 stores W as [in, out]
+        )
+        torch.manual_seed(cfg.seed)  # the A matrices' initialisation
+        # wraps the model object in place (its modules replaced by LoRA layers, every
+        # weight but the LoRA ones frozen); ctx.model stays the object the trainer uses
+        with warnings.catch_warnings():  # peft reads a property transformers deprecated
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+            )
+            self.peft = get_peft_model(ctx.model, lora)
+        self.targets = targets
 
     def finish(self, ctx: StageContext) -> None:
-        tensors = {}
-        for name, module in self.adapted:
-            delta = module.parametrizations.weight[0]
-            tensors[f"{name}.A"] = delta.A.detach().float().cpu().contiguous()
-            tensors[f"{name}.B"] = delta.B.detach().float().cpu().contiguous()
-        with atomic_path(ctx.strategy_dir() / FILE) as tmp:
-            save_file(tensors, str(tmp), {"rank": str(self.config.adapter_rank)})
+        assert ctx.stage_dir is not None
+        with atomic_dir(ctx.stage_dir / DIR) as tmp:
+            self.peft.save_pretrained(str(tmp), save_embedding_layers=False)
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub
 
     def final_model(self, model: nn.Module) -> nn.Module:
-        """Merge every delta into its weight and drop the parametrizations."""
-        for _, module in self.adapted:
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        """Merge every adapter into its weight and drop the LoRA layers."""
+        merged = self.peft.merge_and_unload()
+        assert merged is model, "peft must have wrapped the trainer's model in place"
+        if hasattr(model, "peft_config"):
+            del model.peft_config
         for p in model.parameters():
             p.requires_grad_(True)
-        self.adapted = []
+        self.peft = None
         return model

@@ -17,7 +17,7 @@ from das_engine.data import ChunkStore, build_datasets
 from das_engine.lineage import Lineage
 from das_engine.objective import Batcher, lm_forward
 from das_engine.strategies import StageContext, make_strategy
-from das_engine.strategies.adapter import FILE as ADAPTER_FILE
+from das_engine.strategies.adapter import DIR as ADAPTER_DIR
 from das_engine.strategies.ewc import ewc_penalty, load_state
 from das_engine.strategies.kd import KD
 from das_engine.strategies.replay import FILE as REPLAY_FILE
@@ -227,15 +227,15 @@ def test_adapter_changes_the_backbone_only_through_the_merge(engine_cache, tmp_p
         model = AutoModelForMaskedLM.from_pretrained(str(stage.model_dir))  # no adapter library
         state = model.state_dict()
         assert set(state) == set(base)  # a plain checkpoint: no adapter keys
-        adapter = load_file(str(stage.dir / "strategy" / ADAPTER_FILE))
+        # the adapter saved beside the checkpoint (peft format): W_merged = W + s * B A
+        adapter = load_file(str(stage.dir / ADAPTER_DIR / "adapter_model.safetensors"))
         merged = {}
         for key in adapter:
-            if key.endswith(".A"):
-                name = key[: -len(".A")]
-                layer, sub = name.split(".", 1)
-                pname = f"roberta.encoder.layer.{layer[len('layer') :]}.{sub}.weight"
+            if key.endswith(".lora_A.weight"):
+                name = key[: -len(".lora_A.weight")]
+                pname = name.removeprefix("base_model.model.") + ".weight"
                 scale = cfg.get("adapter_alpha", 16.0) / cfg["adapter_rank"]
-                delta = scale * adapter[f"{name}.B"] @ adapter[key]
+                delta = scale * adapter[f"{name}.lora_B.weight"] @ adapter[key]
                 torch.testing.assert_close(state[pname], base[pname] + delta, rtol=1e-5, atol=1e-6)
                 merged[pname] = float(delta.abs().max())
         assert merged and max(merged.values()) > 0  # the adapter learned something
