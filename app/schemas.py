@@ -92,6 +92,8 @@ class JobError(BaseModel):
     code: str
     message: str
     phase: str | None = None
+    # internal errors: the key to the server log's entry (the traceback is never shown)
+    correlation_id: str | None = None
 
 
 class JobOut(BaseModel):
@@ -102,7 +104,7 @@ class JobOut(BaseModel):
     status: Literal[
         "validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
     ]
-    phase: Literal["importance", "training", "evaluating"] | None
+    phase: Literal["preparing", "importance", "scoring", "training", "evaluating"] | None
     progress: float = Field(ge=0.0, le=1.0)
     step: int | None
     total_steps: int | None

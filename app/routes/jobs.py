@@ -11,7 +11,7 @@ from app.auth import Principal, authenticate, get_session
 from app.idempotency import IdempotencyScope, request_hash
 from app.lifecycle import request_cancel
 from app.models import JOB_TERMINAL, JobEvent
-from app.presenters import job_out, json_ok
+from app.presenters import event_out, job_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, paginate
 from app.ratelimit import write_access
@@ -33,6 +33,7 @@ def get_job(
 @router.get("/{job_id}/events", response_model=Page[JobEventOut], summary="A job's event log")
 def list_events(
     job_id: int,
+    request: Request,
     after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
     limit: int = Query(DEFAULT_LIMIT * 5, ge=1, le=MAX_LIMIT * 5),
     principal: Principal = Depends(authenticate),
@@ -43,18 +44,7 @@ def list_events(
     rows, has_more, cursor = paginate(session, stmt, JobEvent.id, after, limit)
     return json_ok(
         Page[JobEventOut](
-            data=[
-                JobEventOut(
-                    id=e.id,
-                    job_id=e.job_id,
-                    created_at=e.created_at,
-                    level=e.level,
-                    type=e.type,
-                    message=e.message,
-                    data=e.data,
-                )
-                for e in rows
-            ],
+            data=[event_out(e, request.app.state.settings) for e in rows],
             has_more=has_more,
             next_after=cursor,
         )
