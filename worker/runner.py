@@ -348,7 +348,8 @@ class _Heartbeat:
                         raise LeaseLost()
             except LeaseLost:
                 self.lost.set()
-                log.warning("job %s: lease lost; stopping at the next step", self.claim.job_id)
+                # finished by the job's process a moment ago, or taken over by another worker
+                log.info("job %s: no longer held by this claim", self.claim.job_id)
                 return
             except OperationalError:  # the database blinked: try again at the next beat
                 log.warning("job %s: heartbeat failed; retrying", self.claim.job_id, exc_info=True)
