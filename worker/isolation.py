@@ -40,6 +40,7 @@ class ChildOutcome:
 
     outcome: str | None
     exitcode: int | None
+    asked_to_stop: bool = False
 
     @property
     def died(self) -> str:
@@ -151,4 +152,4 @@ class ChildJob:
             self.process.kill()
             self.process.join()
         self._recv.close()
-        return ChildOutcome(outcome, self.process.exitcode)
+        return ChildOutcome(outcome, self.process.exitcode, self._asked_to_stop)

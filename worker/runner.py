@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -47,6 +48,7 @@ from app.models import (
     JOB_QUEUED,
     JOB_RUNNING,
     JOB_SUCCEEDED,
+    JOB_TERMINAL,
     Checkpoint,
     Corpus,
     EvalScore,
@@ -207,6 +209,11 @@ class JobRunner:
 
     # -- the run -------------------------------------------------------------------------
     def run(self, job_id: int) -> str:
+        if self.stopping.is_set():
+            # a message taken during the warm shutdown: leave the job as it is (queued, or
+            # its lease); the sweep of the next worker start sends it again
+            log.info("job %s: not started, the worker is shutting down", job_id)
+            return "worker_stopping"
         claim = self.claim(job_id)
         if isinstance(claim, str):
             log.info("job %s: message ignored: %s", job_id, claim)
@@ -244,6 +251,10 @@ class JobRunner:
         ended = child.wait(self.stopping)
         if ended.outcome is not None:
             return ended.outcome, ""
+        if ended.asked_to_stop and ended.exitcode == -signal.SIGTERM:
+            # stopped before it could install its handler (still importing): it never
+            # trained, so the job goes back to the queue as after a cooperative stop
+            return RunContext(self.settings, self.factory, claim).requeue(), ""
         log.error("job %s: its process, %s, ended without an outcome", claim.job_id, ended.died)
         return "process_died", ended.died
 
@@ -256,8 +267,10 @@ class JobRunner:
         def record() -> str:
             with self.factory() as session, session.begin():
                 job = session.get(Job, claim.job_id)
-                if job is None or job.claim_token != claim.token:
-                    return "lease_lost"
+                if job is None:
+                    return "not_found"
+                if job.claim_token != claim.token:  # it had recorded its end, or lost the job
+                    return job.status if job.status in JOB_TERMINAL else "lease_lost"
                 if job.status == JOB_CANCELLING:
                     finish_job(session, job, JOB_CANCELLED, message="cancelled (its process ended)")
                     return JOB_CANCELLED
@@ -509,7 +522,7 @@ class RunContext:
             if self.lost.is_set():
                 return "lease_lost"
             if self.interrupted:
-                return self._requeue()
+                return self.requeue()
             return self._finish(JOB_CANCELLED, None, "cancelled at a step boundary")
         except LineageBusyError:
             # The lineage is locked by a worker that has lost its lease but not yet noticed
@@ -553,7 +566,7 @@ class RunContext:
             correlation_id=correlation_id,
         )
 
-    def _requeue(self) -> str:
+    def requeue(self) -> str:
         """Back to ``queued`` after a stop for a shutdown: the partial stage and its step
         checkpoints stay, and the next claim resumes from the last one."""
 

@@ -98,7 +98,7 @@ def test_bf16_then_default_then_bf16_in_one_worker_for_two_owners(env):
         _assert_private(settings, json.dumps(job) + json.dumps(events))
 
 
-def test_a_failed_job_shows_a_correlation_id_not_a_traceback(env, caplog):
+def test_a_failed_job_shows_a_correlation_id_not_a_traceback(env, capfd):
     from tests.service.child_faults import raise_in_add_domain
     from worker.runner import JobRunner
 
@@ -117,9 +117,14 @@ def test_a_failed_job_shows_a_correlation_id_not_a_traceback(env, caplog):
     assert failing.run(job_id) == "failed"
     job, events = _job(client, owner, job_id), _events(client, owner, job_id)
     assert job["error"]["code"] == "internal_error" and job["error"]["phase"] == "training"
-    assert job["error"]["correlation_id"] in job["error"]["message"]
+    correlation_id = job["error"]["correlation_id"]
+    assert correlation_id in job["error"]["message"]
     assert "traceback" not in [e["type"] for e in events]
     _assert_private(settings, json.dumps(job) + json.dumps(events))
+    # the trace is in the server's log (the child's stderr, the worker's log), under the id
+    log = capfd.readouterr().err
+    line = next(i for i, text in enumerate(log.splitlines()) if correlation_id in text)
+    assert "Traceback" in "\n".join(log.splitlines()[line:]) and "KeyError" in log
 
 
 def test_older_rows_with_server_details_are_scrubbed_when_shown(env):

@@ -51,8 +51,10 @@ class Served:
             env={**env, "PORT": str(self.port)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as under docker or systemd
         )
         self.worker_log = data / "logs" / "worker.log"
+        self.worker_pid = 0
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -73,7 +75,7 @@ class Served:
 
         wait_for(up, 180, "das-service serve to listen")
         key = re.search(r"API key \(owner 'local'\): (\S+)", self.output()).group(1)
-        worker_pid = int(re.search(r"worker pid (\d+)", self.output()).group(1))
+        worker_pid = self.worker_pid = int(re.search(r"worker pid (\d+)", self.output()).group(1))
         wait_for(
             lambda: self.worker_log.read_bytes().count(b" ready.") > ready_before,
             180,
@@ -82,9 +84,14 @@ class Served:
         return key, worker_pid
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """Whatever happened: nothing of this service is left running."""
+        for group in (self.process.pid, self.worker_pid):
+            if group:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.process.wait()
         self._log.close()
 
 
@@ -176,9 +183,9 @@ def test_sigterm_stops_serve_and_requeues_the_running_job_which_resumes(tmp_path
                 return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
             job = wait_for(finished, 300, "the resumed job")
-            assert job["status"] == "succeeded" and job["attempts"] == 2, job
             events = http.get(f"/v1/jobs/{job_id}/events?limit=500").json()["data"]
             types = [e["type"] for e in events]
+            assert job["status"] == "succeeded" and job["attempts"] == 2, (job, types)
             assert types.count("resumed") == 1 and types.count("succeeded") == 1, types
             result = next(e for e in events if e["type"] == "result")["data"]
             assert result["steps"] == 40 and result["resumed_from_step"] >= 4, result
