@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import subprocess
@@ -101,6 +102,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from app.main import create_app
     from app.migrate import upgrade
+    from worker.isolation import set_parent_death_signal
 
     upgrade(settings)
     key = local_api_key(settings)
@@ -123,6 +125,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         stdout=worker_log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the worker
+        # should serve be killed without a chance to stop it (kill -9), the kernel sends the
+        # worker SIGTERM: its warm shutdown
+        preexec_fn=functools.partial(set_parent_death_signal, signal.SIGTERM),
     )
     url = f"http://{settings.host}:{port}"
     try:

@@ -56,13 +56,20 @@ class ChildOutcome:
         return f"exited with status {code}"
 
 
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent (the thread that
+    started it) dies; it survives ``execve``. Linux only: False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: the watcher remains
+        return False
+
+
 def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watcher remains
-            pass
+    set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(70)
 
