@@ -107,10 +107,17 @@ def _child_main(
     try:
         context = RunContext(settings, make_session_factory(engine), claim, stop.is_set)
         outcome = context.execute()
-        conn.send(outcome)
     finally:
-        conn.close()
         engine.dispose()
+    # Every write is committed and every file renamed into place: exit now, without the
+    # interpreter's slow tear-down of torch & co. (the worker waits for this exit before it
+    # takes the next message).
+    conn.send(outcome)
+    conn.close()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class ChildJob:
@@ -154,7 +161,7 @@ class ChildJob:
                 except (EOFError, OSError):  # the child is gone without a word
                     pass
                 break
-        self.process.join(timeout=60)
+        self.process.join(timeout=10 if outcome is not None else 60)
         if self.process.is_alive():  # it sent its outcome but hangs on its way out
             self.process.kill()
             self.process.join()
