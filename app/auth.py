@@ -88,4 +88,5 @@ def authenticate(request: Request) -> Principal:
             raise _unauthorized("invalid API key")
         principal = Principal(owner=api_key.owner, key_id=api_key.id)
     request.state.principal = principal
+    request.app.state.key_cache.put(token.strip(), principal)  # for conditional reads
     return principal

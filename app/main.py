@@ -11,7 +11,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.conditional_reads import ConditionalJobReads, KeyCache
 from app.db import make_engine, make_read_session_factory, make_session_factory
+from app.job_watch import JobWatcher
 from app.problems import PROBLEM_JSON, install_problem_handlers, problem_response
 from app.ratelimit import make_rate_limiter
 from app.routes import corpora, health, jobs, lineages
@@ -159,6 +161,10 @@ def create_app(
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.read_session_factory = make_read_session_factory(engine)
+    app.state.job_watcher = JobWatcher(
+        app.state.read_session_factory, poll_seconds=settings.stream_poll_seconds
+    )
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     if enqueue is None or broker_ping is None:
         from worker.queue import Dispatcher
 
@@ -174,12 +180,20 @@ def create_app(
     for router in (health.router, lineages.router, corpora.router, jobs.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
+    app.add_middleware(ConditionalJobReads)  # outermost: a 304 skips everything else
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "If-None-Match",
+                "Last-Event-ID",
+            ],
+            expose_headers=["ETag"],
         )
     app.openapi = _problem_openapi(app)  # type: ignore[method-assign]
     return app

@@ -66,6 +66,28 @@ class Settings(BaseSettings):
         86400, validation_alias=_env("DAS_IDEMPOTENCY_TTL_SECONDS", "idempotency_ttl_seconds")
     )
 
+    # -- status reads --------------------------------------------------------------------
+    # one shared poll per watched job and API process feeds every stream and conditional
+    # read of it: a change reaches clients within one tick
+    stream_poll_seconds: float = Field(
+        0.05, gt=0, validation_alias=_env("DAS_STREAM_POLL_SECONDS", "stream_poll_seconds")
+    )
+    stream_keepalive_seconds: float = Field(
+        15.0,
+        gt=0,
+        validation_alias=_env("DAS_STREAM_KEEPALIVE_SECONDS", "stream_keepalive_seconds"),
+    )
+    # a stream is closed after this long (without `event: end`): EventSource reconnects
+    # with Last-Event-ID, and no connection is held for ever
+    stream_max_seconds: float = Field(
+        600.0, gt=0, validation_alias=_env("DAS_STREAM_MAX_SECONDS", "stream_max_seconds")
+    )
+    # conditional reads (If-None-Match) trust a verified key for this long: a revoked key
+    # can still get 304s from this process for at most that time
+    auth_cache_seconds: float = Field(
+        2.0, ge=0, validation_alias=_env("DAS_AUTH_CACHE_SECONDS", "auth_cache_seconds")
+    )
+
     # -- worker --------------------------------------------------------------------------
     lease_seconds: float = Field(60.0, validation_alias=_env("DAS_LEASE_SECONDS", "lease_seconds"))
     # a job whose worker died this many times (kill -9, the kernel's OOM killer, a node

@@ -13,6 +13,12 @@ loops: ``GET /v1/jobs/{id}``, then ``GET /v1/jobs/{id}/events?after=<last seen>`
 the log as a dashboard would), then waits ``--interval`` seconds (0: as fast as it can, a
 saturation test). A request counts as an error unless it answers 200 within 10 s.
 
+``--modes`` (default all three, in turn, against the same job): ``plain`` as above;
+``conditional``: the same loop sending each route's last ``ETag`` as ``If-None-Match``
+(a 304 is a good answer); ``stream``: each client holds one server-sent-event stream
+(``/events?stream=true``) and the figure is the *delivery delay*: from a job update's
+``updated_at`` (written by the worker) to its arrival at the client.
+
 Prints, per route and overall: requests, requests/s, p50/p90/p99/max latency (ms) and the
 error count; and how many training steps the job made during the run (the API shares the
 machine with the worker). ``--json FILE`` also writes them. At the end the job is cancelled
@@ -43,9 +49,13 @@ TIMEOUT_S = 10.0
 
 
 async def _client(http, job_id: int, interval: float, stop_at: float, out: dict) -> None:  # noqa: ANN001
+    """Plain polling (``conditional`` False) or conditional polling: each route's last
+    ``ETag`` sent back as ``If-None-Match``, a 304 counting as a good answer."""
     import random
 
     after = ""
+    tags: dict[str, str] = {}
+    conditional = out["mode"] == "conditional"
     await asyncio.sleep(random.uniform(0, interval or 0.05))  # spread the first requests
     while time.monotonic() < stop_at:
         cycle = time.monotonic()
@@ -53,16 +63,24 @@ async def _client(http, job_id: int, interval: float, stop_at: float, out: dict)
             ("GET /v1/jobs/{id}", f"/v1/jobs/{job_id}"),
             ("GET /v1/jobs/{id}/events", f"/v1/jobs/{job_id}/events?limit=100&after={after}"),
         ):
+            headers = {"If-None-Match": tags[route]} if conditional and route in tags else {}
             started = time.perf_counter()
             try:
-                r = await http.get(path)
-                ok = r.status_code == 200
+                r = await http.get(path, headers=headers)
+                ok = r.status_code in ((200, 304) if conditional else (200,))
                 why = str(r.status_code)
-                if ok and route.endswith("events"):
+                if r.status_code == 304:
+                    out["not_modified"] = out.get("not_modified", 0) + 1
+                if r.status_code == 200 and "etag" in r.headers:
+                    tags[route] = r.headers["etag"]
+                if r.status_code == 200 and route.endswith("events"):
                     page = r.json()
-                    after = page["next_after"] or (
+                    new_after = page["next_after"] or (
                         str(page["data"][-1]["id"]) if page["data"] else after
                     )
+                    if new_after != after:
+                        tags.pop(route, None)  # another page: its tag is another one
+                    after = new_after
             except Exception as exc:  # noqa: BLE001 - a time-out or a refused connection
                 ok, why = False, type(exc).__name__
             elapsed_ms = (time.perf_counter() - started) * 1000
@@ -74,7 +92,55 @@ async def _client(http, job_id: int, interval: float, stop_at: float, out: dict)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - cycle)))
 
 
-async def _load(url: str, key: str, job_id: int, clients: int, duration: float, interval: float):  # noqa: ANN202
+def _utc_seconds(stamp: str) -> float:
+    from datetime import UTC, datetime
+
+    moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+async def _streamer(http, job_id: int, stop_at: float, out: dict) -> None:  # noqa: ANN001
+    """One server-sent-event stream: the time to open it, and for every job update it
+    delivers, the delay from the update's ``updated_at`` (written by the worker) to its
+    arrival here (one machine, one clock)."""
+    import random
+
+    route_open, route_deliver = "open stream", "stream delivery"
+    await asyncio.sleep(random.uniform(0, 1.0))
+    while time.monotonic() < stop_at:
+        started = time.perf_counter()
+        try:
+            async with http.stream(
+                "GET", f"/v1/jobs/{job_id}/events?stream=true", timeout=None
+            ) as r:
+                out["latencies"].setdefault(route_open, []).append(
+                    (time.perf_counter() - started) * 1000
+                )
+                if r.status_code != 200:
+                    raise RuntimeError(f"status {r.status_code}")
+                kind = "message"
+                async for line in r.aiter_lines():
+                    if time.monotonic() > stop_at:
+                        return
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: ") and kind == "job":
+                        job = json.loads(line[6:])
+                        delay = (time.time() - _utc_seconds(job["updated_at"])) * 1000
+                        out["latencies"].setdefault(route_deliver, []).append(delay)
+                    elif line == "":
+                        kind = "message"
+        except Exception as exc:  # noqa: BLE001 - a refused connection or a reset
+            out["errors"][route_open] = out["errors"].get(route_open, 0) + 1
+            out["why"][type(exc).__name__] = out["why"].get(type(exc).__name__, 0) + 1
+            await asyncio.sleep(0.5)
+
+
+async def _load(  # noqa: ANN202
+    url: str, key: str, job_id: int, clients: int, duration: float, interval: float, mode: str
+):
     """``clients`` pollers, each with its own connection: one ``AsyncClient`` each, made
     before the clock starts (httpx's pool scans all of its connections for every request,
     so one shared 200-connection pool was the bottleneck of the measurement, not the
@@ -94,11 +160,14 @@ async def _load(url: str, key: str, job_id: int, clients: int, duration: float, 
         )
         for _ in range(clients)
     ]
-    out: dict = {"latencies": {}, "errors": {}, "why": {}}
+    out: dict = {"latencies": {}, "errors": {}, "why": {}, "mode": mode}
     started = time.monotonic()
     stop_at = started + duration
     try:
-        await asyncio.gather(*(_client(h, job_id, interval, stop_at, out) for h in https))
+        if mode == "stream":
+            await asyncio.gather(*(_streamer(h, job_id, stop_at, out) for h in https))
+        else:
+            await asyncio.gather(*(_client(h, job_id, interval, stop_at, out) for h in https))
     finally:
         out["seconds"] = time.monotonic() - started
         for h in https:
@@ -117,7 +186,12 @@ def summarize(raw: dict) -> dict:
     for route, values in sorted(raw["latencies"].items()):
         every += values
         rows[route] = _row(values, raw["errors"].get(route, 0), raw["seconds"])
-    rows["all"] = _row(every, sum(raw["errors"].values()), raw["seconds"])
+    if raw["mode"] != "stream":
+        rows["all"] = _row(every, sum(raw["errors"].values()), raw["seconds"])
+    else:
+        rows["all"] = {"requests": 0, "errors": sum(raw["errors"].values())}
+    if raw.get("not_modified"):
+        rows["all"]["not_modified"] = raw["not_modified"]
     if raw["why"]:
         rows["all"]["error_kinds"] = raw["why"]  # status codes or exception names
     return rows
@@ -139,7 +213,7 @@ def _row(values: list[float], errors: int, seconds: float) -> dict:
 
 def run_client(args: argparse.Namespace) -> int:
     raw = asyncio.run(
-        _load(args.url, args.key, args.job, args.clients, args.duration, args.interval)
+        _load(args.url, args.key, args.job, args.clients, args.duration, args.interval, args.mode)
     )
     print(json.dumps(summarize(raw)))
     return 0
@@ -237,6 +311,59 @@ def job_step(url: str, key: str, job_id: int) -> int:
     return int(r.json().get("step") or 0)
 
 
+def _run_mode(args: argparse.Namespace, url: str, key: str, job_id: int, mode: str) -> dict:
+    """One load run of ``mode`` in a second process; prints and returns its figures."""
+    steps_before = job_step(url, key, job_id)
+    print(
+        f"\n[{mode}] job {job_id} training; {args.clients} clients for {args.duration:.0f} s, "
+        f"interval {args.interval} s, on {url} ({os.cpu_count()} CPUs)",
+        flush=True,
+    )
+    load = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--client",
+            "--url",
+            url,
+            "--key",
+            key,
+            "--job",
+            str(job_id),
+            "--clients",
+            str(args.clients),
+            "--duration",
+            str(args.duration),
+            "--interval",
+            str(args.interval),
+            "--mode",
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=args.duration + 120,
+        check=False,
+    )
+    if load.returncode != 0:
+        raise RuntimeError(f"the load process failed:\n{load.stderr[-3000:]}")
+    rows = json.loads(load.stdout.strip().splitlines()[-1])
+    steps = job_step(url, key, job_id) - steps_before
+    print(
+        f"{'route':<28}{'req':>8}{'req/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>9}{'errors':>8}"
+    )
+    for route, row in rows.items():
+        print(
+            f"{route:<28}{row['requests']:>8}{row.get('requests_per_s', 0):>9}"
+            f"{row.get('p50_ms', 0):>8}{row.get('p90_ms', 0):>8}"
+            f"{row.get('p99_ms', 0):>8}{row.get('max_ms', 0):>9}{row['errors']:>8}"
+        )
+    extra = f", {rows['all']['not_modified']} answered 304" if "not_modified" in rows["all"] else ""
+    print(f"(latencies in ms) the job trained {steps} steps during the run{extra}")
+    if rows["all"].get("error_kinds"):
+        print(f"errors: {rows['all']['error_kinds']}")
+    return {"rows": rows, "training_steps_during_run": steps}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (default: start das-service serve)")
@@ -247,11 +374,21 @@ def main(argv: list[str] | None = None) -> int:
         "--interval", type=float, default=1.0, help="seconds between a client's polls (0: none)"
     )
     parser.add_argument("--max-steps", type=int, default=100_000, help="the training job's")
+    parser.add_argument(
+        "--modes",
+        default="plain,conditional,stream",
+        help="comma-separated, run in turn: plain (GET each time), conditional "
+        "(If-None-Match, 304 when unchanged), stream (server-sent events)",
+    )
+    parser.add_argument("--mode", default="plain", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.duration = min(args.duration, 600.0)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(args.modes) - {"plain", "conditional", "stream"}:
+        parser.error("--modes: plain, conditional, stream")
     if args.client:
         return run_client(args)
 
@@ -265,55 +402,21 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 server, url, key = start_embedded(Path(tmp) / "data", Path(tmp) / "serve.log")
             job_id = start_training_job(url, key, args.max_steps)
-            steps_before = job_step(url, key, job_id)
-            print(
-                f"job {job_id} training; {args.clients} clients for {args.duration:.0f} s, "
-                f"interval {args.interval} s, on {url} ({os.cpu_count()} CPUs)",
-                flush=True,
-            )
-            load = subprocess.run(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--client",
-                    "--url",
-                    url,
-                    "--key",
-                    key,
-                    "--job",
-                    str(job_id),
-                    "--clients",
-                    str(args.clients),
-                    "--duration",
-                    str(args.duration),
-                    "--interval",
-                    str(args.interval),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=args.duration + 120,
-                check=False,
-            )
-            if load.returncode != 0:
-                raise RuntimeError(f"the load process failed:\n{load.stderr[-3000:]}")
-            rows = json.loads(load.stdout.strip().splitlines()[-1])
-            steps = job_step(url, key, job_id) - steps_before
-            print(
-                f"{'route':<28}{'req':>8}{'req/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}"
-                f"{'max':>9}{'errors':>8}"
-            )
-            for route, row in rows.items():
-                print(
-                    f"{route:<28}{row['requests']:>8}{row.get('requests_per_s', 0):>9}"
-                    f"{row.get('p50_ms', 0):>8}{row.get('p90_ms', 0):>8}"
-                    f"{row.get('p99_ms', 0):>8}{row.get('max_ms', 0):>9}{row['errors']:>8}"
-                )
-            print(f"(latencies in ms) the job trained {steps} steps during the run")
-            if rows["all"].get("error_kinds"):
-                print(f"errors: {rows['all']['error_kinds']}")
-                if server is not None:
+            results = {}
+            for mode in args.modes:
+                results[mode] = _run_mode(args, url, key, job_id, mode)
+                if server is not None and results[mode]["rows"]["all"].get("error_kinds"):
                     log = (Path(tmp) / "serve.log").read_text(errors="replace").splitlines()
                     print("\n".join(line for line in log if "ERROR" in line or "WARNING" in line))
+            if len(args.modes) > 1:
+                print("\nside by side (p99 ms of the figure that matters for each mode):")
+                for mode, result in results.items():
+                    rows = result["rows"]
+                    key_row = rows.get("stream delivery") if mode == "stream" else rows["all"]
+                    print(
+                        f"  {mode:<12} p99 {key_row.get('p99_ms', 'n/a'):>8}  p50 "
+                        f"{key_row.get('p50_ms', 'n/a'):>8}  errors {rows['all']['errors']}"
+                    )
             if args.json:
                 args.json.write_text(
                     json.dumps(
@@ -322,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                             "duration_s": args.duration,
                             "interval_s": args.interval,
                             "cpus": os.cpu_count(),
-                            "training_steps_during_run": steps,
-                            "routes": rows,
+                            "modes": results,
                         },
                         indent=2,
                     )

@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from das_engine import quiet_libraries
 from das_engine.errors import BaseModelError, UnsupportedArchitectureError
 from das_engine.units import FAMILIES, supported_model_types
 
@@ -46,8 +47,18 @@ def cache_dir() -> Path:
 # -- tokenizers and tiny models built locally ----------------------------------------------
 
 
-def train_tokenizer(files: list[Path], vocab_size: int = 4000, max_length: int = 512):
-    """A byte-level BPE tokenizer (RoBERTa-style specials) trained on local files."""
+#: the model families whose bases get a decoder tokenizer (BOS only, no <s>...</s> pair)
+DECODER_ARCHITECTURES = ("gpt2", "llama")
+
+
+def train_tokenizer(
+    files: list[Path], vocab_size: int = 4000, max_length: int = 512, *, decoder: bool = False
+):
+    """A byte-level BPE tokenizer trained on local files.
+
+    Both kinds share one vocabulary of specials (``<s> <pad> </s> <unk> <mask>``); only
+    the special-token roles and the post-processor differ (``wrap_tokenizer``).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from das_engine.data import iter_documents
@@ -70,23 +81,33 @@ def train_tokenizer(files: list[Path], vocab_size: int = 4000, max_length: int =
     tok.post_processor = processors.RobertaProcessing(
         ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), add_prefix_space=False
     )
-    return wrap_tokenizer(tok, max_length)
+    return wrap_tokenizer(tok, max_length, decoder=decoder)
 
 
-def wrap_tokenizer(tok, max_length: int = 512):
-    """Wrap a ``tokenizers.Tokenizer`` so ``AutoTokenizer`` reloads it from a directory."""
+def wrap_tokenizer(tok, max_length: int = 512, *, decoder: bool = False):
+    """Wrap a ``tokenizers.Tokenizer`` so ``AutoTokenizer`` reloads it from a directory.
+
+    Encoder (RoBERTa-style): ``<s> text </s>``, with cls/sep/mask roles. Decoder (GPT-2 /
+    Llama-style): ``<s> text``, BOS only, no cls/sep/mask, ``</s>`` as EOS; the chunker
+    then joins documents with EOS (its separator falls back to EOS without a sep token).
+    """
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
+    roles = {"bos_token": "<s>", "eos_token": "</s>"}
+    if decoder:
+        tok = Tokenizer.from_str(tok.to_str())  # a copy: the caller's tokenizer is unchanged
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    else:  # the tokenizer's own post-processor (RoBERTa's <s> ... </s>) is kept
+        roles.update(cls_token="<s>", sep_token="</s>", mask_token="<mask>")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        cls_token="<s>",
-        sep_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        mask_token="<mask>",
         model_max_length=max_length,
+        **roles,
     )
 
 
@@ -100,8 +121,10 @@ def build_tiny_model(
     intermediate_size: int = 256,
     max_positions: int = 512,
     seed: int = 0,
+    dropout: float = 0.1,
 ):
-    """A small model from a config (no download); dropout kept at the usual 0.1."""
+    """A small model from a config (no download); every dropout of the family's config
+    set to ``dropout`` (the usual 0.1; real Llama checkpoints have 0)."""
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -127,6 +150,8 @@ def build_tiny_model(
             intermediate_size=intermediate_size,
             max_position_embeddings=max_positions + 2,
             type_vocab_size=1,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
             **common,
         )
         return AutoModelForMaskedLM.from_config(config)
@@ -137,6 +162,10 @@ def build_tiny_model(
             n_head=heads,
             n_inner=intermediate_size,
             n_positions=max_positions,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            summary_first_dropout=dropout,
             **common,
         )
         return AutoModelForCausalLM.from_config(config)
@@ -148,7 +177,7 @@ def build_tiny_model(
             num_key_value_heads=max(1, heads // 2),
             intermediate_size=intermediate_size,
             max_position_embeddings=max_positions,
-            attention_dropout=0.1,
+            attention_dropout=dropout,
             **common,
         )
         return AutoModelForCausalLM.from_config(config)
@@ -165,10 +194,12 @@ def save_base(model, tokenizer, out: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
 
 
-def bundled_tokenizer():
+def bundled_tokenizer(*, decoder: bool = False):
+    """The demo base's tokenizer; ``decoder=True`` gives its BOS-only decoder variant."""
     from tokenizers import Tokenizer
 
-    return wrap_tokenizer(Tokenizer.from_file(str(RESOURCES / "tiny_tokenizer.json")))
+    tok = Tokenizer.from_file(str(RESOURCES / "tiny_tokenizer.json"))
+    return wrap_tokenizer(tok, decoder=decoder)
 
 
 def builtin_tiny_dir() -> Path:
@@ -284,6 +315,7 @@ def resolve_base(
 def load_tokenizer(path: Path | str):
     from transformers import AutoTokenizer
 
+    quiet_libraries()
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -291,6 +323,7 @@ def load_model(path: Path | str):
     """Load an LM with the head its family trains (MLM or causal)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    quiet_libraries()
     config = AutoConfig.from_pretrained(str(path))
     family = FAMILIES.get(config.model_type)
     if family is None:

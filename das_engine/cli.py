@@ -206,10 +206,18 @@ def cmd_bases(args) -> None:
 
 
 def cmd_init_base(args) -> None:
-    from das_engine.bases import build_tiny_model, save_base, train_tokenizer
+    from das_engine.bases import DECODER_ARCHITECTURES, build_tiny_model, save_base, train_tokenizer
+    from das_engine.errors import ConfigError
 
+    if not 0.0 <= args.dropout <= 0.9:
+        raise ConfigError(f"--dropout must be in [0, 0.9], got {args.dropout}")
     files = [Path(f) for f in args.from_corpus]
-    tokenizer = train_tokenizer(files, vocab_size=args.vocab_size, max_length=args.max_positions)
+    tokenizer = train_tokenizer(
+        files,
+        vocab_size=args.vocab_size,
+        max_length=args.max_positions,
+        decoder=args.arch in DECODER_ARCHITECTURES,
+    )
     model = build_tiny_model(
         tokenizer,
         architecture=args.arch,
@@ -219,6 +227,7 @@ def cmd_init_base(args) -> None:
         intermediate_size=args.intermediate_size,
         max_positions=args.max_positions,
         seed=args.seed,
+        dropout=args.dropout,
     )
     out = Path(args.out)
     save_base(model, tokenizer, out)
@@ -311,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     ib = sub.add_parser("init-base", help="build a small base model + tokenizer locally")
     ib.add_argument("--out", required=True)
     ib.add_argument("--from-corpus", nargs="+", required=True, help="text to train the tokenizer")
-    ib.add_argument("--arch", default="roberta", choices=["roberta", "gpt2", "llama"])
+    ib.add_argument(
+        "--arch", "--family", dest="arch", default="roberta", choices=["roberta", "gpt2", "llama"]
+    )
     ib.add_argument("--vocab-size", type=int, default=4000)
     ib.add_argument("--hidden-size", type=int, default=64)
     ib.add_argument("--layers", type=int, default=2)
@@ -320,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--max-positions", type=int, default=512)
     ib.add_argument("--pretrain-steps", type=int, default=0)
     ib.add_argument("--seed", type=int, default=0)
+    ib.add_argument(
+        "--dropout",
+        type=float,
+        default=0.1,
+        help="every dropout of the model config (0 like real Llama: DAS then adds "
+        "importance_dropout to its two-view objectives only)",
+    )
     ib.set_defaults(func=cmd_init_base)
     return p
 

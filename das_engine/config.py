@@ -44,6 +44,11 @@ class TrainingConfig:
     temperature: float = 0.05  # tau
     importance_sample_ratio: float = 0.25  # share of the domain's chunks used for importance
     importance_max_batches: int = 32
+    # Dropout for the two proxy-KL views (and the contrastive positive) of a model with no
+    # dropout of its own (Llama, Mistral, Qwen2, any config with every dropout at 0):
+    # applied by hooks inside those views only, never in training or evaluation. A model
+    # with its own dropout keeps it and ignores this. 0 = refuse such models (KL = 0).
+    importance_dropout: float = 0.1
     freeze_embeddings: bool = False
     freeze_layernorm: bool = False
     # DAS on units the paper leaves free: per-vocabulary-row importance of the word
@@ -115,6 +120,7 @@ class TrainingConfig:
         in_range("contrast_weight", 0.0, 100.0)
         in_range("temperature", 0.0, 10.0, lo_open=True)
         in_range("importance_sample_ratio", 0.0, 1.0, lo_open=True)
+        in_range("importance_dropout", 0.0, 0.9)
         in_range("eval_fraction", 0.0, 0.5, lo_open=True)
         in_range("epochs", 0.0, 1000.0, lo_open=True)
         in_range("kd_weight", 0.0, 1e4)

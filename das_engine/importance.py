@@ -1,8 +1,9 @@
 """Unit importance: the gradient magnitude of a loss w.r.t. each unit's gate, averaged
 over batches, normalised per layer and unit kind, and accumulated with element-wise max.
 
-General knowledge uses the proxy KL between two dropout views (spec, step 0); a domain
-uses its own LM loss. Snapshots are safetensors files with their unit kinds and shapes.
+General knowledge uses the proxy KL between two dropout views (spec, step 0; a model
+without dropout gets ``importance_dropout`` for those views only); a domain uses its own
+LM loss. Snapshots are safetensors files with their unit kinds and shapes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from das_engine.errors import ImportanceError
 from das_engine.objective import lm_forward
 from das_engine.units import EXTRA_KINDS, UNIT_KINDS, UnitMap, gates_attached, ones_gates
+from das_engine.view_dropout import injected_dropout, native_dropout, view_dropout
 
 
 @dataclass
@@ -190,11 +192,8 @@ def raw_gate_gradients(
 
 
 def has_active_dropout(model: nn.Module) -> bool:
-    if not model.training:
-        return False
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
-    return float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0
+    """Whether the model's own dropout is on now (train mode and some p > 0)."""
+    return model.training and native_dropout(model) > 0
 
 
 def proxy_kl_loss(model: nn.Module, unit_map: UnitMap, batch: dict) -> torch.Tensor:
@@ -218,25 +217,35 @@ def general_importance(
     batches: list[dict],
     normalization: str = "paper",
     extra_kinds: tuple[str, ...] = (),
+    dropout: float = 0.1,
 ) -> Importance:
     """Step 0: importance for the general knowledge via the robustness proxy.
 
-    Refuses to run with dropout off: both views would be identical, the KL identically 0,
-    and the "importance" floating-point noise (defect 1 of the research code).
+    The two views use the model's own dropout when it has some; a dropout-free model
+    (Llama-style, or every dropout set to 0) gets ``dropout`` (the config's
+    ``importance_dropout``) by hooks, for these views only (``view_dropout``). With no
+    dropout at all it refuses: both views would be identical, the KL identically 0, and
+    the "importance" floating-point noise (defect 1 of the research code).
     """
     was_training = model.training
     model.train()
+    p = injected_dropout(model, dropout)
     try:
-        if not has_active_dropout(model):
+        if native_dropout(model) == 0 and p == 0:
             raise ImportanceError(
-                "proxy-KL importance needs dropout: this model has none active, so both views "
-                "are identical and KL = 0; set a dropout probability > 0 in the model config"
+                "proxy-KL importance needs dropout: this model has none of its own and "
+                "importance_dropout is 0, so both views are identical and KL = 0; set "
+                "importance_dropout > 0 (e.g. 0.1) or a dropout probability in the model config"
             )
-        with torch.no_grad():
-            probe = proxy_kl_loss(model, unit_map, batches[0])
-        if float(probe) == 0.0:
-            raise ImportanceError("proxy KL is exactly 0: the two dropout views are identical")
-        raw = raw_gate_gradients(model, unit_map, batches, proxy_kl_loss, extra_kinds)
+        with view_dropout(model, unit_map, p):
+            with torch.no_grad():
+                probe = proxy_kl_loss(model, unit_map, batches[0])
+            if not float(probe) > 0.0:
+                raise ImportanceError(
+                    f"proxy KL is {float(probe)} on the first batch: the two dropout views are "
+                    "identical (or not finite)"
+                )
+            raw = raw_gate_gradients(model, unit_map, batches, proxy_kl_loss, extra_kinds)
     finally:
         model.train(was_training)
     return normalize(raw, normalization)

@@ -357,7 +357,12 @@ class Lineage:
                     base_model = model if from_base else load_model(self.base_dir).to(device)
                     batches = self._importance_batches(train_store, batcher, device)
                     general = general_importance(
-                        base_model, build_unit_map(base_model), batches, cfg.normalization, extra
+                        base_model,
+                        build_unit_map(base_model),
+                        batches,
+                        cfg.normalization,
+                        extra,
+                        dropout=cfg.importance_dropout,
                     )
                     general.save(general_path, "general", {"normalization": cfg.normalization})
                 accumulated = general

@@ -3,7 +3,8 @@ domain t"). One step, in the spec's order:
 
 1. L_MLM on view 1 of x (full model, dropout on);
 2. o_i, o_i+: mean-pooled last hidden states of two dropout views of the same x_i
-   (both views run as one doubled batch, so row i and row B+i are always x_i);
+   (both views run as one doubled batch, so row i and row B+i are always x_i; a model
+   without dropout gets ``importance_dropout`` on the o+ half only);
 3. o_prev: the gated "previous knowledge" view, gates = I_acc, no gradient;
 4. L_DAP = L_MLM + lambda * InfoNCE(o, o+, o_prev);
 5. the optimizer's change to unit-writing parameters is scaled by (1 - I_acc).
@@ -15,10 +16,12 @@ import torch
 from torch import nn
 
 from das_engine.contrastive import info_nce
+from das_engine.errors import ConfigError
 from das_engine.objective import IGNORE, lm_forward, mean_pool
 from das_engine.softmask import SoftMask
 from das_engine.strategies.base import StageContext, Strategy
 from das_engine.units import UNIT_KINDS, gates_attached
+from das_engine.view_dropout import injected_dropout, native_dropout, view_dropout
 
 
 class DAS(Strategy):
@@ -39,6 +42,16 @@ class DAS(Strategy):
             if ctx.accumulated is not None
             else None
         )
+        # a model without dropout of its own gets importance_dropout on the positive half
+        # of the doubled batch only (view_dropout): o+ then differs from o, the LM loss not
+        self.positive_dropout = injected_dropout(ctx.model, ctx.config.importance_dropout)
+        no_views = native_dropout(ctx.model) == 0 and self.positive_dropout == 0
+        if ctx.config.contrast_weight > 0 and no_views:
+            raise ConfigError(
+                "contrast_weight > 0 needs two different views of each input, but this model "
+                "has no dropout and importance_dropout is 0: set importance_dropout > 0 or "
+                "contrast_weight 0"
+            )
         device = next(ctx.model.parameters()).device
         self.prev_gates = (
             {k: ctx.accumulated.values[k].to(device) for k in UNIT_KINDS}
@@ -54,7 +67,9 @@ class DAS(Strategy):
         # (1)+(2): two dropout views of the same inputs in one forward pass
         doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
         doubled["labels"] = torch.cat([batch["labels"], torch.full_like(batch["labels"], IGNORE)])
-        out = lm_forward(model, self.ctx.unit_map, doubled)
+        p = self.positive_dropout if model.training else 0.0
+        with view_dropout(self.ctx.model, self.ctx.unit_map, p, first_row=b):
+            out = lm_forward(model, self.ctx.unit_map, doubled)
         pooled = mean_pool(out.hidden, doubled["attention_mask"])
         anchor, positive = pooled[:b], pooled[b:]
         # (3): previous knowledge only: gates set to the accumulated importance

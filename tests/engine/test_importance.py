@@ -26,11 +26,11 @@ def test_proxy_kl_is_exactly_zero_without_dropout_and_the_engine_refuses(roberta
     roberta.eval()
     with torch.no_grad():
         assert float(proxy_kl_loss(roberta, um, batch)) == 0.0
-    for m in roberta.modules():  # dropout "on" but with p = 0 must be refused too
+    for m in roberta.modules():  # dropout "on" but with p = 0 must be refused too...
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    with pytest.raises(ImportanceError, match="dropout"):
-        general_importance(roberta, um, [batch])
+    with pytest.raises(ImportanceError, match="dropout"):  # ...unless importance_dropout > 0
+        general_importance(roberta, um, [batch], dropout=0.0)
 
 
 def test_general_importance_with_dropout_is_finite_bounded_and_varied(roberta, batch):

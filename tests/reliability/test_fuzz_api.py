@@ -64,7 +64,8 @@ enabled = false
 # module fixture below, before any request is sent.
 DATA = Path(tempfile.mkdtemp(prefix="das-fuzz-"))
 atexit.register(shutil.rmtree, DATA, True)
-SETTINGS = make_settings(DATA, max_upload_bytes=1 << 20)
+# streams of the queued job close after a second instead of running for ever
+SETTINGS = make_settings(DATA, max_upload_bytes=1 << 20, stream_max_seconds=1.0)
 APP = create_app(SETTINGS, enqueue=EnqueueRecorder(), broker_ping=lambda: None)
 KNOWN: dict[str, list[int]] = {}  # path parameter -> the owner's real ids
 OWNER: list[Owner] = []
