@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.models import ApiKey
 from app.problems import Problem
+from app.storable import text_problem
 
 KEY_PREFIX = "das_"
 _LOOKUP_CHARS = 12  # the first characters of a key, stored in clear to find its row
@@ -34,6 +35,9 @@ def create_api_key(session: Session, owner: str) -> str:
     owner = owner.strip()
     if not owner or len(owner) > 100:
         raise ValueError("owner must be 1 to 100 characters")
+    why = text_problem(owner)  # e.g. a surrogate from a command line that is not UTF-8
+    if why:
+        raise ValueError(f"owner {why}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiKey(owner=owner, prefix=key[:_LOOKUP_CHARS], key_hash=hash_key(key)))
     session.flush()

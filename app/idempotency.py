@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from fastapi import Request
+from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +26,22 @@ from app.problems import Problem
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
+
+
+def idempotency_header(
+    key: str | None = Header(
+        None,
+        alias=HEADER,
+        description="1 to 255 printable characters: the same key with the same request "
+        "replays the first successful answer (header `Idempotent-Replayed: true`); with "
+        "another request it is a 409 `idempotency_key_reused`; while the first is still "
+        "being processed, a 409 `idempotency_in_progress` with `Retry-After`. Remembered "
+        "per owner for `DAS_IDEMPOTENCY_TTL_SECONDS`.",
+    ),
+) -> None:
+    """Declares the header on the routes that honour it (``dependencies=[...]``), for the
+    OpenAPI document; ``IdempotencyScope.from_request`` reads and checks it (a malformed key
+    is a 400 ``invalid_idempotency_key``, not a 422)."""
 
 
 def request_hash(endpoint: str, meaning: Any) -> str:

@@ -21,7 +21,7 @@ import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import JOB_TERMINAL, Job, JobEvent, Stage
+from app.models import JOB_TERMINAL, Job, JobEvent, Lineage, Stage
 
 RING = 500  # events kept per watch for streams that join late
 PAGE = 500  # events read per query when a stream catches up from the database
@@ -97,7 +97,10 @@ class JobWatcher:
 
         with self.read_factory() as session:
             row = session.execute(
-                select(Job, Stage).join(Stage, Stage.id == Job.stage_id).where(Job.id == job_id)
+                select(Job, Stage)
+                .join(Stage, Stage.id == Job.stage_id)
+                .join(Lineage, Lineage.id == Job.lineage_id)
+                .where(Job.id == job_id, Lineage.deleted_at.is_(None))  # deleted: gone
             ).first()
             if row is None:
                 return None

@@ -16,7 +16,7 @@ from app.db import make_engine, make_read_session_factory, make_session_factory
 from app.job_watch import JobWatcher
 from app.problems import PROBLEM_JSON, install_problem_handlers, problem_response
 from app.ratelimit import make_rate_limiter
-from app.routes import corpora, health, jobs, lineages
+from app.routes import artifacts, corpora, deletes, fork, health, job_details, jobs, keys, lineages
 from app.settings import Settings, get_settings
 
 UPLOAD_PATHS = re.compile(r"^/v1/(corpora|lineages/[^/]+/domains)/?$")
@@ -92,14 +92,20 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         components["Problem"] = {
             "type": "object",
             "required": ["type", "title", "status", "detail", "code"],
+            "description": "RFC 9457 problem details; quota answers add `limit` and `value`, "
+            "a too small corpus `tokens`, `chunks` and `required_chunks`",
             "properties": {
-                "type": {"type": "string"},
-                "title": {"type": "string"},
-                "status": {"type": "integer"},
-                "detail": {"type": "string"},
-                "code": {"type": "string"},
-                "instance": {"type": "string"},
-                "errors": {"type": "array", "items": {"type": "object"}},
+                "type": {"type": "string", "description": "`urn:das-service:problem:<code>`"},
+                "title": {"type": "string", "description": "the HTTP status phrase"},
+                "status": {"type": "integer", "description": "the HTTP status code"},
+                "detail": {"type": "string", "description": "what went wrong, for people"},
+                "code": {"type": "string", "description": "what went wrong, for programs"},
+                "instance": {"type": "string", "description": "the request path"},
+                "errors": {
+                    "type": "array",
+                    "items": {"type": "object"},
+                    "description": "`[{field, message}]`, or `[{line, message}]` for a corpus",
+                },
             },
         }
         components.pop("HTTPValidationError", None)
@@ -116,6 +122,8 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
                     codes.insert(0, "401")
                 if method == "post":
                     codes += ["400", "409", "413", "415", "429"]
+                    if path.startswith("/v1"):
+                        codes.append("403")  # a quota
                 if path == "/readyz":
                     codes.append("503")
                 if path.endswith(("/checkpoint", "/importance")):
@@ -179,13 +187,16 @@ def create_app(
     install_problem_handlers(app)
     for router in (health.router, lineages.router, corpora.router, jobs.router):
         app.include_router(router)
+    # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys)
+    for module in (artifacts, deletes, fork, job_details, keys):
+        app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
     app.add_middleware(ConditionalJobReads)  # outermost: a 304 skips everything else
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "HEAD", "POST", "DELETE"],
             allow_headers=[
                 "Authorization",
                 "Content-Type",

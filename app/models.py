@@ -100,6 +100,9 @@ class Corpus(Base):
     status: Mapped[str] = mapped_column(String(16), default="ready")
     report: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # DELETE /v1/corpora/{id}: the file is removed, the row stays (finished stages keep
+    # naming it) and the id answers 404
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Lineage(Base):
@@ -115,6 +118,14 @@ class Lineage(Base):
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
     general_corpus_id: Mapped[int | None] = mapped_column(ForeignKey("corpora.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # POST /v1/lineages/{id}/fork: the parent and the position of its last copied stage
+    forked_from_id: Mapped[int | None] = mapped_column(ForeignKey("lineages.id"), default=None)
+    forked_from_position: Mapped[int | None] = mapped_column(Integer, default=None)
+    # DELETE /v1/lineages/{id}: the row stays (ids are never reused, so no stale folder can
+    # be mistaken for a new lineage's) and answers 404; files_removed_at is set once its
+    # folder is gone (at once, or when the worker of a force-cancelled stage has stopped)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    files_removed_at: Mapped[datetime | None] = mapped_column(default=None)
 
     stages: Mapped[list[Stage]] = relationship(
         back_populates="lineage", order_by="Stage.position", lazy="selectin"

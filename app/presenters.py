@@ -98,6 +98,8 @@ def lineage_out(lineage: Lineage) -> LineageOut:
         general_corpus_id=lineage.general_corpus_id,
         created_at=lineage.created_at,
         stages=[stage_out(s) for s in lineage.stages],
+        forked_from_id=lineage.forked_from_id,
+        forked_from_position=lineage.forked_from_position,
     )
 
 

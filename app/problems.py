@@ -14,8 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.storable import scrub
 
 log = logging.getLogger("das.api")
 
@@ -65,7 +67,8 @@ def problem_body(
     if errors:
         body["errors"] = errors
     body.update(extensions)
-    return body
+    # an error may quote the input that caused it: keep the answer strict UTF-8 JSON
+    return scrub(body)
 
 
 def problem_response(
@@ -170,6 +173,24 @@ def install_problem_handlers(app: FastAPI) -> None:
             "the database is unavailable for a moment; retry the request",
             instance=request.url.path,
             headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+        # a value the database refused (out of its column's range, a character it cannot
+        # hold): its transaction was rolled back, so nothing of the request is stored. The
+        # request checks should have caught it first: logged as a warning to be fixed.
+        log.warning(
+            "database refused a value on %s %s: %s",
+            request.method,
+            request.url.path,
+            type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__,
+        )
+        return problem_response(
+            422,
+            "unstorable_value",
+            "a value of the request cannot be stored (out of range or not representable)",
+            instance=request.url.path,
         )
 
     @app.exception_handler(Exception)

@@ -1,5 +1,5 @@
-"""Owner-scoped lookups (another owner's id is a 404, exactly like an unknown one) and
-cursor pagination."""
+"""Owner-scoped lookups (another owner's id is a 404, exactly like an unknown one; so is a
+deleted lineage or corpus, and the jobs of a deleted lineage) and cursor pagination."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ RowT = TypeVar("RowT", bound=Base)
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
+# ids are INTEGER columns: on PostgreSQL a larger id in a query is an error, not a miss
+MAX_ID = 2**31 - 1
 
 
 def owned(session: Session, model: type[RowT], row_id: int, owner: str, what: str) -> RowT:
-    row = session.get(model, row_id) if 0 < row_id < 2**63 else None
-    if row is None or getattr(row, "owner", None) != owner:
+    row = session.get(model, row_id) if 0 < row_id <= MAX_ID else None
+    if (
+        row is None
+        or getattr(row, "owner", None) != owner
+        or getattr(row, "deleted_at", None) is not None
+    ):
         raise Problem(404, f"{what}_not_found", f"no {what} with id {row_id}")
     return row
 
@@ -38,9 +44,10 @@ def owned_job(session: Session, job_id: int, owner: str) -> tuple[Job, Stage]:
         session.execute(
             select(Job, Stage)
             .join(Stage, Stage.id == Job.stage_id)
-            .where(Job.id == job_id, Job.owner == owner)
+            .join(Lineage, Lineage.id == Job.lineage_id)
+            .where(Job.id == job_id, Job.owner == owner, Lineage.deleted_at.is_(None))
         ).first()
-        if 0 < job_id < 2**63
+        if 0 < job_id <= MAX_ID
         else None
     )
     if row is None:
@@ -66,7 +73,7 @@ def parse_after(after: str | None) -> int:
             "after: not a cursor returned by this API",
             errors=[{"field": "after", "message": "not a cursor returned by this API"}],
         )
-    return int(after)
+    return min(int(after), MAX_ID)  # past every id: an empty page (not a database error)
 
 
 def paginate(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
+from app.hyperparameters import hyperparameters_schema
+from app.storable import text_problem
 from das_engine.config import STRATEGIES
 
 T = TypeVar("T")
@@ -16,9 +18,24 @@ StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
 DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
+def _storable(value: str) -> str:
+    why = text_problem(value)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+# any valid Unicode on one line (emoji, CJK, RTL, combining marks): no lone surrogate, NUL
+# or other control character, which the database or a JSON answer could not hold
+StorableText = Annotated[str, AfterValidator(_storable)]
+# validated by das_engine's TrainingConfig (so that its errors name each field); the schema
+# documents it, generated from the dataclass
+Hyperparameters = Annotated[dict[str, Any], WithJsonSchema(hyperparameters_schema())]
+
+
 class Page(BaseModel, Generic[T]):
-    data: list[T]
-    has_more: bool
+    data: list[T] = Field(description="this page's items, oldest first")
+    has_more: bool = Field(description="true when another page follows")
     next_after: str | None = Field(
         None, description="pass as `after` to get the next page; null on the last page"
     )
@@ -27,40 +44,42 @@ class Page(BaseModel, Generic[T]):
 class Problem(BaseModel):
     """RFC 9457 problem details (``application/problem+json``)."""
 
-    type: str
-    title: str
-    status: int
-    detail: str
-    code: str
-    instance: str | None = None
-    errors: list[dict[str, Any]] | None = None
+    type: str = Field(description="`urn:das-service:problem:<code>`")
+    title: str = Field(description="the HTTP status phrase")
+    status: int = Field(description="the HTTP status code")
+    detail: str = Field(description="what went wrong, for people")
+    code: str = Field(description="what went wrong, for programs (stable)")
+    instance: str | None = Field(None, description="the request path")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="`[{field, message}]` (or `[{line, message}]` for a corpus)"
+    )
 
 
 # -- base models --------------------------------------------------------------------------
 
 
 class BaseModelOut(BaseModel):
-    id: str
-    architecture: str
-    objective: Literal["mlm", "clm"]
-    parameters: int
+    id: str = Field(description="the id to pass as a lineage's `base_model`")
+    architecture: str = Field(description="the Hugging Face `model_type`")
+    objective: Literal["mlm", "clm"] = Field(description="masked or causal language modelling")
+    parameters: int = Field(description="parameter count (from the config)")
 
 
 # -- corpora ------------------------------------------------------------------------------
 
 
 class CorpusOut(BaseModel):
-    id: int
-    filename: str
-    format: str
-    compressed: bool
-    bytes: int
-    sha256: str
-    documents: int
-    characters: int
-    status: str
-    report: dict[str, Any]
-    created_at: datetime
+    id: int = Field(description="the corpus id")
+    filename: str = Field(description="the client's file name, for display only")
+    format: str = Field(description="`txt` or `jsonl`")
+    compressed: bool = Field(description="the upload was gzip")
+    bytes: int = Field(description="size of the upload as sent (counted in your storage quota)")
+    sha256: str = Field(description="SHA-256 of the upload as sent")
+    documents: int = Field(description="documents found")
+    characters: int = Field(description="characters of those documents")
+    status: str = Field(description="`ready`: validated and usable")
+    report: dict[str, Any] = Field(description="the validation report of das_engine")
+    created_at: datetime = Field(description="upload time (UTC)")
 
 
 # -- lineages -----------------------------------------------------------------------------
@@ -81,70 +100,100 @@ class LineageCreate(BaseModel):
         },
     )
 
-    name: str = Field(min_length=1, max_length=200)
-    base_model: str = Field(min_length=1, max_length=500)
-    strategy: StrategyName = "das"
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    general_corpus_id: int | None = None
+    name: StorableText = Field(
+        min_length=1, max_length=200, description="a name for you (any Unicode on one line)"
+    )
+    base_model: StorableText = Field(
+        min_length=1,
+        max_length=500,
+        description="an id from `GET /v1/base-models` (or a hub name where the server allows)",
+    )
+    strategy: StrategyName = Field("das", description="the continual-learning method")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=dict,
+        description="training settings; checked against the base model (`block_size` within "
+        "its positions) and the server's quotas",
+    )
+    general_corpus_id: int | None = Field(
+        None,
+        description="one of your corpora: a general-domain text on which every stage's "
+        "forgetting is measured",
+    )
 
 
 class JobError(BaseModel):
-    code: str
-    message: str
-    phase: str | None = None
-    # internal errors: the key to the server log's entry (the traceback is never shown)
-    correlation_id: str | None = None
+    code: str = Field(description="stable error code (see the service documentation)")
+    message: str = Field(description="what went wrong")
+    phase: str | None = Field(None, description="the phase it failed in")
+    correlation_id: str | None = Field(
+        None,
+        description="internal errors: the key to the server log's entry (the traceback is "
+        "never shown)",
+    )
 
 
 class JobOut(BaseModel):
-    id: int
-    lineage_id: int
-    stage_position: int
-    domain: str
+    id: int = Field(description="the job id")
+    lineage_id: int = Field(description="its lineage")
+    stage_position: int = Field(description="the position of its stage in the lineage (from 1)")
+    domain: str = Field(description="its stage's domain name")
     status: Literal[
         "validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
-    ]
-    phase: Literal["preparing", "importance", "scoring", "training", "evaluating"] | None
-    progress: float = Field(ge=0.0, le=1.0)
-    step: int | None
-    total_steps: int | None
-    loss: float | None
-    trained_tokens: int
-    eta_seconds: float | None
-    error: JobError | None
-    attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    heartbeat_at: datetime | None
-    updated_at: datetime
+    ] = Field(
+        description="`queued` -> `running` -> `succeeded` | `failed` | `cancelled` (through "
+        "`cancelling`); a job is validated in the request that creates it, so it starts "
+        "`queued` (`validating` is never reported)"
+    )
+    phase: Literal["preparing", "importance", "scoring", "training", "evaluating"] | None = Field(
+        description="what a running job does (in this order; see the service documentation "
+        "for the share of `progress` each one covers)"
+    )
+    progress: float = Field(ge=0.0, le=1.0, description="0 to 1, only moves forward")
+    step: int | None = Field(description="training steps done")
+    total_steps: int | None = Field(description="training steps planned")
+    loss: float | None = Field(description="the latest training loss")
+    trained_tokens: int = Field(description="tokens trained on so far")
+    eta_seconds: float | None = Field(description="estimated seconds left")
+    error: JobError | None = Field(description="why it failed or was cancelled")
+    attempts: int = Field(description="claims by a worker (more than 1: it was resumed)")
+    created_at: datetime = Field(description="creation time (UTC)")
+    started_at: datetime | None = Field(description="first claim by a worker")
+    finished_at: datetime | None = Field(description="when it reached a final status")
+    heartbeat_at: datetime | None = Field(description="its worker's latest heartbeat")
+    updated_at: datetime = Field(description="latest change")
 
 
 class StageOut(BaseModel):
-    position: int
-    name: str
-    status: str
-    corpus_id: int
-    eval_corpus_id: int | None
-    job_id: int
-    steps: int | None
-    trained_tokens: int | None
-    checkpoint_available: bool
-    created_at: datetime
-    finished_at: datetime | None
+    position: int = Field(description="order in the lineage, from 1")
+    name: str = Field(description="the domain name")
+    status: str = Field(description="its job's status")
+    corpus_id: int = Field(description="the domain corpus")
+    eval_corpus_id: int | None = Field(description="a separate evaluation corpus, if any")
+    job_id: int = Field(description="the job training it")
+    steps: int | None = Field(description="training steps, once trained")
+    trained_tokens: int | None = Field(description="tokens trained on, once trained")
+    checkpoint_available: bool = Field(description="its checkpoint can be downloaded")
+    created_at: datetime = Field(description="creation time (UTC)")
+    finished_at: datetime | None = Field(description="when its job finished")
 
 
 class LineageOut(BaseModel):
-    id: int
-    name: str
-    base_model: str
-    architecture: str
-    objective: str
-    strategy: str
-    hyperparameters: dict[str, Any]
-    general_corpus_id: int | None
-    created_at: datetime
-    stages: list[StageOut]
+    id: int = Field(description="the lineage id")
+    name: str = Field(description="its name")
+    base_model: str = Field(description="the base model id")
+    architecture: str = Field(description="the base's Hugging Face `model_type`")
+    objective: str = Field(description="`mlm` or `clm`")
+    strategy: str = Field(description="the continual-learning method")
+    hyperparameters: dict[str, Any] = Field(description="the hyper-parameters given")
+    general_corpus_id: int | None = Field(description="the general corpus, if any")
+    created_at: datetime = Field(description="creation time (UTC)")
+    stages: list[StageOut] = Field(description="its stages, in order")
+    forked_from_id: int | None = Field(
+        None, description="a fork's parent lineage (POST .../fork); else null"
+    )
+    forked_from_position: int | None = Field(
+        None, description="the parent's stage the fork branched after; else null"
+    )
 
 
 class DomainCreate(BaseModel):
@@ -152,40 +201,51 @@ class DomainCreate(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"corpus_id": 1, "name": "news"}]}
     )
 
-    corpus_id: int
-    name: str = Field(pattern=DOMAIN_NAME_PATTERN)
-    eval_corpus_id: int | None = None
+    corpus_id: int = Field(
+        description="one of your corpora: at the lineage's `block_size` it must fill at least "
+        "two chunks (one to train on, one held out)"
+    )
+    name: str = Field(
+        pattern=DOMAIN_NAME_PATTERN,
+        description="the domain name, unique among the lineage's live stages: 1 to 64 of "
+        "`[A-Za-z0-9_.-]`, starting with a letter or digit",
+    )
+    eval_corpus_id: int | None = Field(
+        None, description="one of your corpora to evaluate on instead of a held-out split"
+    )
 
 
 class DomainAccepted(BaseModel):
-    stage: StageOut
-    job: JobOut
+    stage: StageOut = Field(description="the new stage")
+    job: JobOut = Field(description="the job that trains it")
 
 
 class JobEventOut(BaseModel):
-    id: int
-    job_id: int
-    created_at: datetime
-    level: Literal["debug", "info", "warning", "error"]
-    type: str
-    message: str
-    data: dict[str, Any]
+    id: int = Field(description="the event id (use as the `after` cursor)")
+    job_id: int = Field(description="its job")
+    created_at: datetime = Field(description="when it happened (UTC)")
+    level: Literal["debug", "info", "warning", "error"] = Field(description="severity")
+    type: str = Field(description="`queued`, `claimed`, `progress`, `succeeded`, ...")
+    message: str = Field(description="for people")
+    data: dict[str, Any] = Field(description="for programs (progress figures, an error)")
 
 
 class MetricsOut(BaseModel):
-    lineage_id: int
-    domains: list[str]
-    loss_matrix: list[list[float | None]]
-    perplexity_matrix: list[list[float | None]]
-    base_losses: list[float | None] | None
-    forgetting_rate: float | None
-    bwt: float | None
-    fwt: float | None
-    max_forgetting: float | None
-    per_domain: list[dict[str, Any]]
-    general: dict[str, Any]
+    lineage_id: int = Field(description="the lineage")
+    domains: list[str] = Field(description="trained domains, in order")
+    loss_matrix: list[list[float | None]] = Field(
+        description="row i: the model after stage i, column j: loss on domain j's held-out text"
+    )
+    perplexity_matrix: list[list[float | None]] = Field(description="exp of `loss_matrix`")
+    base_losses: list[float | None] | None = Field(description="the base model's losses")
+    forgetting_rate: float | None = Field(description="mean forgetting, relative")
+    bwt: float | None = Field(description="backward transfer")
+    fwt: float | None = Field(description="forward transfer")
+    max_forgetting: float | None = Field(description="largest forgetting of one domain")
+    per_domain: list[dict[str, Any]] = Field(description="figures per domain")
+    general: dict[str, Any] = Field(description="the general corpus's losses, if any")
 
 
 class Health(BaseModel):
-    status: str
-    checks: dict[str, str] = Field(default_factory=dict)
+    status: str = Field(description="`ok`")
+    checks: dict[str, str] = Field(default_factory=dict, description="each dependency's state")

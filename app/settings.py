@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -53,6 +53,27 @@ class Settings(BaseSettings):
     )
     max_json_bytes: int = Field(
         1 << 20, validation_alias=_env("DAS_MAX_JSON_BYTES", "max_json_bytes")
+    )
+
+    # -- pre-flight checks and per-owner quotas (0: no limit) ------------------------------
+    # the device class of the workers: the API cannot see it, and refuses what that class
+    # cannot run (fp16 mixed precision on a CPU)
+    worker_device: Literal["cpu", "cuda"] = Field(
+        "cpu", validation_alias=_env("DAS_WORKER_DEVICE", "worker_device")
+    )
+    # tokens one job may process: max_steps * batch_size * grad_accum * block_size
+    max_job_tokens: int = Field(
+        10_000_000_000, ge=0, validation_alias=_env("DAS_MAX_JOB_TOKENS", "max_job_tokens")
+    )
+    # jobs of one owner not yet finished (queued, running, cancelling)
+    max_active_jobs: int = Field(
+        16, ge=0, validation_alias=_env("DAS_MAX_ACTIVE_JOBS_PER_OWNER", "max_active_jobs")
+    )
+    # bytes of one owner's uploaded corpora
+    max_storage_bytes: int = Field(
+        100 << 30,
+        ge=0,
+        validation_alias=_env("DAS_MAX_STORAGE_BYTES_PER_OWNER", "max_storage_bytes"),
     )
 
     # -- abuse control -------------------------------------------------------------------

@@ -43,10 +43,22 @@ def safe_filename(name: str) -> str:
     return name or "corpus.txt"
 
 
+_NOT_DISPLAYED = {"Cc", "Cs", "Zl", "Zp"}  # controls, lone surrogates, line/paragraph breaks
+# bidi embeddings, overrides and isolates can disguise a name ("\u202etxt.exe"); the marks
+# (LRM, RLM) and joiners that right-to-left text and emoji sequences need are kept
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def display_filename(name: str) -> str:
-    """The client's name, kept for display only: printable, no path, bounded length."""
+    """The client's name, kept for display only: no path, no control character, line break
+    or bidi override (any other Unicode -- emoji sequences, RTL marks -- is kept as sent),
+    bounded length."""
     base = name.replace("\\", "/").split("/")[-1]
-    base = "".join(ch for ch in base if ch.isprintable())
+    base = "".join(
+        ch
+        for ch in base
+        if unicodedata.category(ch) not in _NOT_DISPLAYED and ch not in _BIDI_CONTROLS
+    )
     if len(base) > 255:  # keep the start and the suffix
         base = base[:200] + "..." + base[-52:]
     return base or "corpus"

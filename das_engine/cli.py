@@ -6,6 +6,8 @@ das-engine add --lineage lineage/ domain3.txt
 das-engine metrics --lineage lineage/ [--json]
 das-engine fork --lineage lineage/ --stage 1 --out branch/
 das-engine bases [--models-dir DIR]
+
+Several GPUs (DDP, one process each): torchrun --nproc_per_node 4 -m das_engine.cli run ...
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+from das_engine import distributed
 from das_engine.errors import CorpusError, DasError
 
 # flags that map onto TrainingConfig fields (None = not given, keep the default)
@@ -131,11 +134,18 @@ def format_metrics(m: dict) -> str:
 def _finish(lineage, args) -> None:
     from das_engine.storage import write_json
 
+    if not distributed.is_main():  # rank 0 reports for the whole job
+        return
     metrics = lineage.metrics()
     print(format_metrics(metrics))
     if getattr(args, "json", False):
         write_json(lineage.path / "metrics.json", metrics)
         print(f"metrics written to {lineage.path / 'metrics.json'}")
+
+
+def _say(line: str) -> None:
+    if distributed.is_main():
+        print(line, file=sys.stderr)
 
 
 def cmd_run(args) -> None:
@@ -147,17 +157,21 @@ def cmd_run(args) -> None:
     missing = [str(p) for _, p in domains if not p.is_file()]
     if missing:
         raise CorpusError(f"corpus file(s) not found: {', '.join(missing)}")
-    lineage = Lineage.create(
-        Path(args.out),
-        args.base,
-        config,
-        general_corpus=Path(args.general_corpus) if args.general_corpus else None,
-        models_dir=Path(args.models_dir) if args.models_dir else None,
-        allow_hub=args.allow_hub,
+    lineage = distributed.run_on_main(
+        lambda: Lineage.create(
+            Path(args.out),
+            args.base,
+            config,
+            general_corpus=Path(args.general_corpus) if args.general_corpus else None,
+            models_dir=Path(args.models_dir) if args.models_dir else None,
+            allow_hub=args.allow_hub,
+        )
     )
-    printer = ProgressPrinter(args.quiet)
+    if lineage is None:  # under torchrun: the other ranks open what rank 0 created
+        lineage = Lineage.open(Path(args.out))
+    printer = ProgressPrinter(args.quiet or not distributed.is_main())
     for name, path in domains:
-        print(f"== stage {len(lineage.stages) + 1}: {name} ({path})", file=sys.stderr)
+        _say(f"== stage {len(lineage.stages) + 1}: {name} ({path})")
         lineage.add_domain(path, name, progress=printer)
         printer.close()
     _finish(lineage, args)
@@ -167,14 +181,14 @@ def cmd_add(args) -> None:
     from das_engine.lineage import Lineage
 
     lineage = Lineage.open(Path(args.lineage))
-    printer = ProgressPrinter(args.quiet)
+    printer = ProgressPrinter(args.quiet or not distributed.is_main())
     domains = _domain_args(args.corpora)
     if args.name:
         if len(domains) != 1:
             raise DasError("--name applies to a single corpus")
         domains = [(args.name, domains[0][1])]
     for name, path in domains:
-        print(f"== stage {len(lineage.stages) + 1}: {name} ({path})", file=sys.stderr)
+        _say(f"== stage {len(lineage.stages) + 1}: {name} ({path})")
         lineage.add_domain(
             path,
             name,
@@ -345,13 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        if args.func in (cmd_run, cmd_add):  # every rank trains (data parallel)
+            args.func(args)
+        else:  # under torchrun, one rank does the rest
+            distributed.run_on_main(lambda: args.func(args))
     except DasError as exc:
         print(f"das-engine: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("das-engine: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from das_engine import distributed
 from das_engine.errors import ImportanceError
 from das_engine.objective import lm_forward
 from das_engine.units import EXTRA_KINDS, UNIT_KINDS, UnitMap, gates_attached, ones_gates
@@ -163,7 +164,7 @@ def raw_gate_gradients(
     n = 0
     try:
         with gates_attached(model, unit_map, gates):
-            for batch in batches:
+            for batch in distributed.shard_batches(batches):  # this rank's, RNG per batch
                 loss = loss_fn(model, unit_map, batch)
                 grads = torch.autograd.grad(
                     loss, [gates[k] for k in UNIT_KINDS] + extra_params, allow_unused=True
@@ -186,6 +187,8 @@ def raw_gate_gradients(
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
+    distributed.all_reduce_sum_(list(total.values()))  # every rank masks the same units
+    n = int(distributed.sum_over_ranks([n])[0])
     if n == 0:
         raise ImportanceError("importance needs at least one batch")
     return {k: (v / n).cpu() for k, v in total.items()}

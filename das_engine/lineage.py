@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from das_engine import distributed
 from das_engine.bases import load_model, load_tokenizer, resolve_base
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, build_datasets, build_single_split
@@ -210,6 +211,9 @@ class Lineage:
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """One writer per lineage: a second trainer on the same lineage fails fast."""
+        if not distributed.is_main():  # the ranks of one job share rank 0's lock
+            yield
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / ".lock", "w") as fh:
             try:
@@ -277,6 +281,7 @@ class Lineage:
         if name in [s.name for s in previous]:
             raise DomainExistsError(f"domain {name!r} is already stage of this lineage")
         position = len(previous) + 1
+        distributed.wait_for_main()  # rank 0 prepares the partial stage, the others read it
         stages_root = self.path / "stages"
         stages_root.mkdir(exist_ok=True)
         final_dir = stages_root / f"{position:03d}-{_slug(name)}"
@@ -327,6 +332,7 @@ class Lineage:
                     )
             state["counts"] = counts
             write_json(partial / "stage.json", state)
+        distributed.release_others()
         train_store = ChunkStore(data_dir / "train")
         eval_dir = data_dir / "eval"
 
@@ -364,7 +370,8 @@ class Lineage:
                         extra,
                         dropout=cfg.importance_dropout,
                     )
-                    general.save(general_path, "general", {"normalization": cfg.normalization})
+                    if distributed.is_main():  # every rank holds the same all-reduced values
+                        general.save(general_path, "general", {"normalization": cfg.normalization})
                 accumulated = general
                 for s in previous:  # a lineage switched to DAS later: fold earlier stages in
                     dom = s.importance_dir / "domain.safetensors"
@@ -416,9 +423,10 @@ class Lineage:
         )
         summary = trainer.run()
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if should_cancel():
+        if distributed.any_rank(should_cancel()):
             raise Cancelled("cancelled after the last training step")
-        strategy.finish(ctx)
+        if distributed.is_main():  # finish only saves state files
+            strategy.finish(ctx)
         model = strategy.final_model(model)
 
         # I(t) from the domain's own loss, then I_acc(t) = EMax(I_acc(t-1), I(t))
@@ -428,16 +436,17 @@ class Lineage:
             dom = domain_importance(
                 model, unit_map, batches, cfg.normalization, cfg.extra_unit_kinds()
             )
-            dom.save(
-                partial / "importance" / "domain.safetensors",
-                "domain",
-                {"normalization": cfg.normalization, "domain": name},
-            )
-            accumulated.emax(dom).save(
-                partial / "importance" / "accumulated.safetensors",
-                "accumulated",
-                {"normalization": cfg.normalization},
-            )
+            if distributed.is_main():
+                dom.save(
+                    partial / "importance" / "domain.safetensors",
+                    "domain",
+                    {"normalization": cfg.normalization, "domain": name},
+                )
+                accumulated.emax(dom).save(
+                    partial / "importance" / "accumulated.safetensors",
+                    "accumulated",
+                    {"normalization": cfg.normalization},
+                )
             state["importance"] = {
                 "domain": dom.stats(),
                 "accumulated": accumulated.emax(dom).stats(),
@@ -455,10 +464,11 @@ class Lineage:
                 self._eval(model, unit_map, tokenizer, self.path / "general" / "eval")
             )
 
-        with atomic_dir(partial / "model") as tmp:
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+        if distributed.is_main():  # rank 0 commits the stage (below); the others wait
+            with atomic_dir(partial / "model") as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(partial / "checkpoints", ignore_errors=True)
         seconds = time.perf_counter() - started
         state.update(
             {
@@ -474,8 +484,10 @@ class Lineage:
                 "strategy": cfg.strategy,
             }
         )
-        write_json(partial / "stage.json", state)
-        os.replace(partial, final_dir)
+        if distributed.is_main():
+            write_json(partial / "stage.json", state)
+            os.replace(partial, final_dir)
+        distributed.barrier()  # the next stage, on any rank, starts from the committed one
         result = StageResult(
             position=position,
             name=name,

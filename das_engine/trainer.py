@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from das_engine import distributed
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore
 from das_engine.errors import Cancelled
@@ -48,10 +49,8 @@ CancelFn = Callable[[], bool]
 
 
 def select_device(preference: str = "auto") -> torch.device:
-    """cuda > cpu, unless the config names a device."""
-    if preference != "auto":
-        return torch.device(preference)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cuda > cpu, unless the config names a device; under torchrun, this rank's GPU."""
+    return distributed.device(preference)
 
 
 def mixed_precision_for(config: TrainingConfig, device: torch.device) -> str:
@@ -141,6 +140,8 @@ class Trainer:
         self.should_cancel = should_cancel or (lambda: False)
         self.keep = keep_checkpoints
         device = next(model.parameters()).device
+        # DDP (several processes) or a no-op; joins the process group before accelerate does
+        self.replicas = distributed.DataParallel(model, strategy, batcher.objective)
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision_for(config, device), cpu=device.type == "cpu"
         )
@@ -153,7 +154,9 @@ class Trainer:
             optimizer,
             lambda s: min(1.0, (s + 1) / warmup) if warmup and s < warmup else 1.0,
         )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # the model is not handed to accelerate: with several processes it would wrap it in
+        # DDP, hiding base_model / lm_head from the strategies (see das_engine/distributed.py)
+        self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
         self.scheduler = scheduler
         self.order = SampleOrder(len(train), config.seed)
 
@@ -169,6 +172,8 @@ class Trainer:
 
     def save_checkpoint(self, step: int, trained_tokens: int) -> Path:
         target = self.checkpoint_dir / f"step-{step:08d}"
+        if not distributed.is_main():  # ranks hold identical weights: rank 0 saves them
+            return target
         model = self.accelerator.unwrap_model(self.model)
         with atomic_dir(target) as tmp:
             save_model(model, str(tmp / "model.safetensors"))
@@ -216,18 +221,21 @@ class Trainer:
         tokens_this_run = 0
         loss_value: float | None = None
         for step in range(start, self.total):
-            if self.should_cancel():
+            if distributed.any_rank(self.should_cancel()):
                 raise Cancelled(f"cancelled at step {step} of {self.total}")
-            torch.manual_seed(cfg.seed * 7919 + step)  # dropout masks depend on the step only
+            # dropout masks depend on the step (and the rank) only
+            torch.manual_seed(cfg.seed * 7919 + step + distributed.seed_offset())
             self.optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
-                batch = self._micro_batch(step, micro)
-                with self.accelerator.autocast():
-                    loss, logs = self.strategy.loss(self.model, batch)
-                self.accelerator.backward(loss / cfg.grad_accum)
+                batch = self._micro_batch(step, micro)  # the global micro-batch
+                local, weight = self.replicas.shard(batch)  # this rank's rows of it
+                with self.replicas.sync(micro == cfg.grad_accum - 1):
+                    with self.accelerator.autocast():
+                        loss, logs = self.replicas.loss(local)
+                    self.accelerator.backward(loss * weight / cfg.grad_accum)
                 # report the LM loss (comparable across strategies), not the total objective
-                step_loss += logs.get("lm_loss", float(loss.detach())) / cfg.grad_accum
+                step_loss += weight * logs.get("lm_loss", float(loss.detach())) / cfg.grad_accum
                 n_tok = int(batch["attention_mask"].sum())
                 trained += n_tok
                 tokens_this_run += n_tok
@@ -237,7 +245,7 @@ class Trainer:
             self.optimizer.step()
             self.strategy.after_step()
             self.scheduler.step()
-            loss_value = step_loss
+            loss_value = self.replicas.mean(step_loss)
             done = step + 1
             elapsed = time.perf_counter() - started
             rate = tokens_this_run / elapsed if elapsed > 0 else None

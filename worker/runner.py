@@ -240,6 +240,7 @@ class JobRunner:
         # and goes back to the broker). Sends nothing unless the lineage's first unfinished
         # stage is queued.
         self.enqueue_next(claim.lineage_id)
+        self._purge_if_deleted(claim.lineage_id)
         return outcome
 
     def _run_in_child(self, claim: Claim) -> tuple[str, str]:
@@ -301,6 +302,16 @@ class JobRunner:
 
             with_db_retry(mark, f"job {claim.job_id}: mark sent")
         return outcome
+
+    def _purge_if_deleted(self, lineage_id: int) -> None:
+        """Lifecycle hook (app/purge.py): a lineage deleted with ``force`` while this job
+        trained loses its folder now that the job has stopped (no-op otherwise)."""
+        from app.purge import purge_lineage
+
+        try:
+            purge_lineage(self.settings, self.factory, lineage_id)
+        except Exception:  # noqa: BLE001 - the sweep tries again
+            log.warning("lineage %s: files not removed yet", lineage_id, exc_info=True)
 
     def enqueue_next(self, lineage_id: int) -> None:
         if not lineage_id:

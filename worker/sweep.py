@@ -36,6 +36,7 @@ def sweep(
         from worker.queue import Dispatcher
 
         enqueue = Dispatcher(settings)
+    _purge_deleted(settings, factory)
     with factory() as session, session.begin():
         job_ids = jobs_to_enqueue(session, stale_before=stale_before)
     if not job_ids:
@@ -45,6 +46,17 @@ def sweep(
         mark_enqueued(session, sent)
     log.info("sweep sent %s job(s): %s", len(sent), sent)
     return sent
+
+
+def _purge_deleted(settings: Settings, factory: sessionmaker[Session]) -> None:
+    """Lifecycle hook (app/purge.py): remove the folders of deleted lineages whose last
+    job has stopped (a worker that died while cancelling one leaves them to the sweep)."""
+    from app.purge import purge_deleted_lineages
+
+    try:
+        purge_deleted_lineages(settings, factory)
+    except Exception:  # noqa: BLE001 - the next sweep tries again
+        log.warning("removing deleted lineages' files failed", exc_info=True)
 
 
 class PeriodicSweep(threading.Thread):

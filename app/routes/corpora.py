@@ -6,15 +6,19 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from app import quotas
 from app.auth import Principal, authenticate, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
+from app.idempotency import HEADER, idempotency_header
 from app.models import Corpus
 from app.presenters import corpus_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, paginate
 from app.ratelimit import write_access
 from app.schemas import CorpusOut, Page
+from app.storable import encode_json
 from app.uploads import MultipartResult
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
@@ -47,11 +51,17 @@ UPLOAD_BODY = {
     status_code=201,
     response_model=CorpusOut,
     summary="Upload a corpus (multipart, streamed)",
+    dependencies=[Depends(idempotency_header)],
     openapi_extra=UPLOAD_BODY,
 )
 async def upload_corpus(
     request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
+    """Upload a corpus as multipart field `file` (.txt or .jsonl, optionally .gz), streamed to
+    disk. It is validated in the request (encoding, JSON lines, emptiness, gzip bombs: a 4xx
+    naming each problem with its line, nothing kept) and counts against your storage quota
+    (`DAS_MAX_STORAGE_BYTES_PER_OWNER`, 403). Honours `Idempotency-Key`.
+    """
     settings = request.app.state.settings
     factory = request.app.state.session_factory
 
@@ -65,22 +75,37 @@ async def upload_corpus(
             )
         fmt, compressed, report = validate_upload(settings, result.file)
         with factory() as session, session.begin():
+            quotas.lock_owner(session, principal.owner)
+            quotas.check_storage(settings, session, principal.owner, adding=result.file.bytes)
             corpus = corpus_row(settings, principal.owner, result.file, fmt, compressed, report)
             session.add(corpus)
             session.flush()
-            return corpus_out(corpus).model_dump(mode="json")
+            answer = corpus_out(corpus).model_dump(mode="json")
+            encode_json(answer)  # the answer can be sent: only then is the row committed
+            return answer
 
+    if HEADER not in request.headers:  # (a replay is answered whatever the usage now)
+        await run_in_threadpool(_storage_left, request, principal.owner)
     return await idempotent_upload(request, principal.owner, 201, handle)
+
+
+def _storage_left(request: Request, owner: str) -> None:
+    """403 before the upload streams in when the owner's quota is already used up."""
+    with request.app.state.read_session_factory() as session:
+        quotas.check_storage(request.app.state.settings, session, owner, adding=0)
 
 
 @router.get("", response_model=Page[CorpusOut], summary="List your corpora")
 def list_corpora(
-    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
-    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    after: str | None = Query(
+        None, max_length=18, pattern=r"^[0-9]*$", description="`next_after` of the previous page"
+    ),
+    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="items per page"),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    stmt = select(Corpus).where(Corpus.owner == principal.owner)
+    """Your corpora, oldest first, each with its validation report."""
+    stmt = select(Corpus).where(Corpus.owner == principal.owner, Corpus.deleted_at.is_(None))
     rows, has_more, cursor = paginate(session, stmt, Corpus.id, after, limit)
     return json_ok(
         Page[CorpusOut](data=[corpus_out(c) for c in rows], has_more=has_more, next_after=cursor)
@@ -93,4 +118,5 @@ def get_corpus(
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """One of your corpora and its validation report."""
     return json_ok(corpus_out(owned_corpus(session, corpus_id, principal.owner)))

@@ -24,6 +24,7 @@ _bases_cache: dict[str, tuple[float, list[BaseModelOut]]] = {}
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="The process is up")
 def healthz() -> Health:
+    """Liveness: 200 while the process runs (no dependency is checked)."""
     return Health(status="ok")
 
 
@@ -34,6 +35,9 @@ def healthz() -> Health:
     summary="The database and the broker are reachable",
 )
 def readyz(request: Request) -> JSONResponse:
+    """Readiness: 200 when the database and the broker answer, else a 503 problem whose `checks`
+    say which is down.
+    """
     checks: dict[str, str] = {}
     try:
         with request.app.state.session_factory() as session:
@@ -60,6 +64,10 @@ def readyz(request: Request) -> JSONResponse:
     summary="Base models this server can load without a hub",
 )
 def base_models(request: Request, _: Principal = Depends(authenticate)) -> Page[BaseModelOut]:
+    """The base models this server can load without a model hub: the built-in `tiny-roberta`, `all-
+    minilm-l6-v2` when installed, and each loadable folder of `DAS_MODELS_DIR`. Pass an `id` as
+    a lineage's `base_model`.
+    """
     from das_engine.bases import list_offline_bases
 
     models_dir = request.app.state.settings.models_dir

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, get_session
-from app.idempotency import IdempotencyScope, request_hash
+from app.idempotency import IdempotencyScope, idempotency_header, request_hash
 from app.job_watch import JobWatcher, etag_matches, events_etag, job_etag
 from app.lifecycle import request_cancel
 from app.models import JOB_TERMINAL, JobEvent
@@ -188,12 +188,17 @@ def list_events(
     status_code=202,
     response_model=JobOut,
     summary="Cancel a job (cooperative: it stops at the next step boundary)",
+    dependencies=[Depends(idempotency_header)],
 )
 def cancel_job(
     job_id: int,
     request: Request,
     principal: Principal = Depends(write_access),
 ) -> JSONResponse:
+    """Cancel a job: one not started yet ends `cancelled` at once, a running one becomes
+    `cancelling` and stops at its next step boundary. The stages queued behind it are cancelled
+    too. Honours `Idempotency-Key`.
+    """
     factory = request.app.state.session_factory
     scope = IdempotencyScope.from_request(request, principal.owner)
 

@@ -1,40 +1,39 @@
-"""/v1/lineages: lineages, their domains (stages), artifacts and metrics."""
+"""/v1/lineages: lineages, their domains (stages) and metrics (artifacts: artifacts.py)."""
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from app.archives import TarPlan, parse_range
+from app import preflight, quotas
 from app.auth import Principal, authenticate, get_session
 from app.base_files import model_files_problem
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
-from app.idempotency import IdempotencyScope, request_hash
+from app.idempotency import HEADER, IdempotencyScope, idempotency_header, request_hash
 from app.lifecycle import add_event, is_runnable, mark_enqueued
 from app.models import (
     JOB_QUEUED,
     JOB_SUCCEEDED,
-    Checkpoint,
     Corpus,
     EvalScore,
-    ImportanceSnapshot,
     Job,
     Lineage,
     Stage,
 )
 from app.presenters import job_out, json_ok, lineage_out, stage_out
 from app.problems import Problem
-from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, owned_lineage, owned_stage, paginate
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, owned_lineage, paginate
 from app.ratelimit import write_access
 from app.schemas import (
     DOMAIN_NAME_PATTERN,
@@ -46,10 +45,15 @@ from app.schemas import (
     Page,
 )
 from app.settings import Settings
+from app.storable import encode_json, json_problems
 from app.storage import resolve_stored
 from app.uploads import MultipartResult
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
+AFTER = Query(
+    None, max_length=18, pattern=r"^[0-9]*$", description="`next_after` of the previous page"
+)
+LIMIT = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="items per page")
 
 
 # -- lineages -----------------------------------------------------------------------------
@@ -75,11 +79,113 @@ def _hide_models_dir(settings: Settings, message: str) -> str:
     return message
 
 
-def build_lineage(settings: Settings, session: Session, owner: str, body: LineageCreate) -> Lineage:
-    from das_engine.bases import resolve_base
+def training_config(hyper: dict[str, Any], strategy: str) -> Any:
+    """The lineage's ``TrainingConfig``; a 422 naming each bad hyper-parameter."""
     from das_engine.config import TrainingConfig
     from das_engine.errors import DasError
 
+    try:
+        return TrainingConfig.from_dict({**hyper, "strategy": strategy})
+    except DasError as exc:
+        raise Problem(
+            422,
+            exc.code,
+            exc.message,
+            errors=[
+                {"field": f"hyperparameters.{d.get('field')}", "message": d.get("message", "")}
+                for d in exc.details
+            ],
+        ) from exc
+
+
+def resolve_lineage_base(settings: Settings, base_model: str) -> Any:
+    """The base model's ``BaseModelInfo`` (422 when it cannot be found or loaded)."""
+    from das_engine.bases import resolve_base
+    from das_engine.errors import DasError
+
+    _check_base_model_name(base_model, settings.allow_hub)
+    try:
+        info = resolve_base(
+            base_model, settings.models_dir, allow_hub=settings.allow_hub, allow_paths=False
+        )
+    except DasError as exc:
+        message = _hide_models_dir(settings, exc.message)
+        raise Problem(
+            422, exc.code, message, errors=[{"field": "base_model", "message": message}]
+        ) from exc
+    local = info.path and str(info.path) != base_model and Path(info.path).is_dir()
+    problem = model_files_problem(Path(info.path)) if local else None
+    if problem is not None:
+        message = f"base model {base_model!r} cannot be loaded: {problem}"
+        raise Problem(
+            422,
+            "base_model_unloadable",
+            message,
+            errors=[{"field": "base_model", "message": message}],
+        )
+    return info
+
+
+def check_storable_hyperparameters(hyper: dict[str, Any]) -> None:
+    """422 for anything in ``hyperparameters`` the database could not store or a JSON
+    answer could not carry (checked first: even an error message must be able to quote it)."""
+    problems = json_problems(hyper, "hyperparameters")
+    if problems:
+        raise Problem(
+            422,
+            "invalid_hyperparameters",
+            "; ".join(f"{p['field']}: {p['message']}" for p in problems),
+            errors=problems,
+        )
+
+
+def check_corpus_fills(
+    settings: Settings,
+    corpus: Corpus | Path,
+    config: Any,
+    info: Any,
+    *,
+    field: str,
+    need: int,
+) -> preflight.CorpusMeasure:
+    """422 ``corpus_too_small`` unless ``corpus`` (a row, or the path of a file just
+    uploaded) fills ``need`` chunks at the config's block size with the base's tokenizer.
+    Slow for a large corpus (tokenizing): call it outside a write transaction."""
+    tokenizer, lock = preflight.tokenizer_for(str(info.path))
+    if isinstance(corpus, Path):
+        path, what = corpus, "the uploaded corpus"
+    else:
+        path, what = resolve_stored(settings, corpus.storage_path), f"corpus {corpus.id}"
+    measure = preflight.measure_corpus(
+        path,
+        tokenizer,
+        lock,
+        block_size=config.block_size,
+        objective=info.objective,
+        need=need,
+        split=(config.seed, config.eval_fraction),
+        # an epochs-based job's token quota needs an estimate of the corpus's tokens
+        sample_chars=preflight.SAMPLE_CHARS if config.max_steps is None and need == 2 else 0,
+    )
+    problem = preflight.corpus_problem(
+        measure, what=what, field=field, block_size=config.block_size, need=need
+    )
+    if problem is not None:
+        raise problem
+    return measure
+
+
+def build_lineage(
+    settings: Settings,
+    session: Session,
+    owner: str,
+    body: LineageCreate,
+    *,
+    reads: sessionmaker[Session] | None = None,
+) -> Lineage:
+    """Check everything, then add the lineage to ``session`` (the caller commits). The checks
+    read through ``reads`` when given, so that no write lock is held while they tokenize."""
+    check_storable_hyperparameters(body.hyperparameters)
     hyper = dict(body.hyperparameters)
     if hyper.get("strategy", body.strategy) != body.strategy:
         raise Problem(
@@ -97,40 +203,16 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
             "accelerator); leave it out or set it to 'auto'",
             errors=[{"field": "hyperparameters.device", "message": "must be 'auto'"}],
         )
-    try:
-        TrainingConfig.from_dict({**hyper, "strategy": body.strategy})
-    except DasError as exc:
-        raise Problem(
-            422,
-            exc.code,
-            exc.message,
-            errors=[
-                {"field": f"hyperparameters.{d.get('field')}", "message": d.get("message", "")}
-                for d in exc.details
-            ],
-        ) from exc
-    _check_base_model_name(body.base_model, settings.allow_hub)
-    try:
-        info = resolve_base(
-            body.base_model, settings.models_dir, allow_hub=settings.allow_hub, allow_paths=False
-        )
-    except DasError as exc:
-        message = _hide_models_dir(settings, exc.message)
-        raise Problem(
-            422, exc.code, message, errors=[{"field": "base_model", "message": message}]
-        ) from exc
-    local = info.path and str(info.path) != body.base_model and Path(info.path).is_dir()
-    problem = model_files_problem(Path(info.path)) if local else None
-    if problem is not None:
-        message = f"base model {body.base_model!r} cannot be loaded: {problem}"
-        raise Problem(
-            422,
-            "base_model_unloadable",
-            message,
-            errors=[{"field": "base_model", "message": message}],
-        )
+    config = training_config(hyper, body.strategy)
+    info = resolve_lineage_base(settings, body.base_model)
+    base = preflight.base_config(str(info.path), allow_hub=settings.allow_hub)
+    preflight.check_against_base(settings, config, body.base_model, base)
+    quotas.check_job_tokens(settings, quotas.job_tokens(config))
     if body.general_corpus_id is not None:
-        owned_corpus(session, body.general_corpus_id, owner)
+        with (reads or _same(session))() as read:
+            general = owned_corpus(read, body.general_corpus_id, owner)
+            check_corpus_fills(settings, general, config, info, field="general_corpus_id", need=1)
+        owned_corpus(session, body.general_corpus_id, owner)  # still yours, in this transaction
     lineage = Lineage(
         owner=owner,
         name=body.name,
@@ -147,30 +229,58 @@ def build_lineage(settings: Settings, session: Session, owner: str, body: Lineag
     return lineage
 
 
-@router.post("", status_code=201, response_model=LineageOut, summary="Create a lineage")
+def _same(session: Session):  # noqa: ANN202
+    """A factory whose session is ``session`` itself, left open."""
+    return lambda: nullcontext(session)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=LineageOut,
+    summary="Create a lineage",
+    dependencies=[Depends(idempotency_header)],
+)
 def create_lineage(
     body: LineageCreate, request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
+    """Create a lineage: a base model, a strategy and hyper-parameters, to which domains are then
+    added in order. Everything is checked before anything is stored: the base model loads, each
+    hyper-parameter is in range and storable, `block_size` fits the base's positions, the mixed
+    precision suits the workers' device (`DAS_WORKER_DEVICE`), and with `max_steps` the job
+    token quota (`DAS_MAX_JOB_TOKENS`, 422). Honours `Idempotency-Key`.
+    """
     settings = request.app.state.settings
     factory = request.app.state.session_factory
     scope = IdempotencyScope.from_request(request, principal.owner)
 
+    check_storable_hyperparameters(body.hyperparameters)  # before it is hashed
+
     def produce() -> dict:
         with factory() as session, session.begin():
-            lineage = build_lineage(settings, session, principal.owner, body)
-            return lineage_out(lineage).model_dump(mode="json")
+            lineage = build_lineage(
+                settings,
+                session,
+                principal.owner,
+                body,
+                reads=request.app.state.read_session_factory,
+            )
+            answer = lineage_out(lineage).model_dump(mode="json")
+            encode_json(answer)  # the answer can be sent: only then is the row committed
+            return answer
 
     return scope.run(request_hash(scope.endpoint, body.model_dump(mode="json")), 201, produce)
 
 
 @router.get("", response_model=Page[LineageOut], summary="List your lineages")
 def list_lineages(
-    after: str | None = Query(None, max_length=18, pattern=r"^[0-9]*$"),
-    limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+    after: str | None = AFTER,
+    limit: int = LIMIT,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
-    stmt = select(Lineage).where(Lineage.owner == principal.owner)
+    """Your lineages, oldest first, each with its ordered stages."""
+    stmt = select(Lineage).where(Lineage.owner == principal.owner, Lineage.deleted_at.is_(None))
     rows, has_more, cursor = paginate(session, stmt, Lineage.id, after, limit)
     return json_ok(
         Page[LineageOut](data=[lineage_out(r) for r in rows], has_more=has_more, next_after=cursor)
@@ -183,6 +293,7 @@ def get_lineage(
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """One of your lineages and its stages."""
     return json_ok(lineage_out(owned_lineage(session, lineage_id, principal.owner)))
 
 
@@ -198,9 +309,24 @@ DOMAIN_BODY = {
                     "type": "object",
                     "required": ["file", "name"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "pattern": DOMAIN_NAME_PATTERN},
-                        "eval_corpus_id": {"type": "integer"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the domain corpus: .txt or .jsonl (a 'text' field "
+                            "per line), optionally .gz; validated like POST /v1/corpora, kept "
+                            "as a corpus of yours, and it must fill two chunks of the "
+                            "lineage's block_size",
+                        },
+                        "name": {
+                            "type": "string",
+                            "pattern": DOMAIN_NAME_PATTERN,
+                            "description": "the domain name (see the JSON body's `name`)",
+                        },
+                        "eval_corpus_id": {
+                            "type": "integer",
+                            "description": "one of your corpora to evaluate on instead of a "
+                            "held-out split",
+                        },
                     },
                 }
             },
@@ -221,6 +347,41 @@ def _check_domain_name_free(session: Session, lineage: Lineage, name: str) -> No
         )
 
 
+def preflight_domain(
+    settings: Settings,
+    session: Session,
+    owner: str,
+    lineage_id: int,
+    name: str,
+    corpus: Corpus | Path,
+    corpus_characters: int,
+    eval_corpus_id: int | None,
+    *,
+    corpus_field: str = "corpus_id",
+) -> None:
+    """What the worker would fail on, checked before the write transaction (``session``
+    only reads): cheap checks first (ownership, the name, the unfinished-jobs quota), then
+    the corpus fills the chunks the engine needs at the lineage's block size, and the job
+    stays within the token quota. ``add_domain`` checks the cheap ones again, atomically."""
+    lineage = owned_lineage(session, lineage_id, owner)
+    eval_corpus = owned_corpus(session, eval_corpus_id, owner) if eval_corpus_id else None
+    if isinstance(corpus, Corpus) and corpus.status != "ready":
+        raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
+    _check_domain_name_free(session, lineage, name)
+    quotas.check_active_jobs(settings, session, owner, adding=1)
+    config = training_config(lineage.hyperparameters, lineage.strategy)
+    info = resolve_lineage_base(settings, lineage.base_model)
+    measure = check_corpus_fills(settings, corpus, config, info, field=corpus_field, need=2)
+    if eval_corpus is not None:
+        check_corpus_fills(settings, eval_corpus, config, info, field="eval_corpus_id", need=1)
+    tokens = quotas.job_tokens(config)
+    if tokens is None:
+        estimate = preflight.epochs_job_tokens(config, measure, corpus_characters)
+        quotas.check_job_tokens(settings, estimate, estimated=True)
+    else:
+        quotas.check_job_tokens(settings, tokens)
+
+
 def add_domain(
     session: Session,
     owner: str,
@@ -228,14 +389,21 @@ def add_domain(
     corpus: Corpus,
     name: str,
     eval_corpus_id: int | None,
+    *,
+    settings: Settings | None = None,
 ) -> tuple[Stage, Job]:
-    """Create the next stage and its queued job (the caller commits, then enqueues)."""
+    """Create the next stage and its queued job (the caller commits, then enqueues). With
+    ``settings``, the owner's quota of unfinished jobs applies (counted under the owner's
+    lock, in this transaction); the caller ran ``preflight_domain`` before."""
     lineage = owned_lineage(session, lineage_id, owner)
     if eval_corpus_id is not None:
         owned_corpus(session, eval_corpus_id, owner)
     if corpus.status != "ready":
         raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
     _check_domain_name_free(session, lineage, name)
+    if settings is not None:
+        quotas.lock_owner(session, owner)
+        quotas.check_active_jobs(settings, session, owner, adding=1)
     position = (
         session.scalar(select(func.max(Stage.position)).where(Stage.lineage_id == lineage.id)) or 0
     ) + 1
@@ -276,6 +444,13 @@ def _commit_domain(session: Session) -> None:
         ) from exc
 
 
+def _check_answer(stage: Stage, job: Job) -> None:
+    """The 202 can be sent for these rows: checked before they are committed."""
+    encode_json(
+        DomainAccepted(stage=stage_out(stage), job=job_out(job, stage)).model_dump(mode="json")
+    )
+
+
 def _accepted(request: Request, stage: Stage, job: Job) -> dict:
     """Send the job if it may start now, then answer 202 {stage, job}."""
     factory = request.app.state.session_factory
@@ -298,20 +473,32 @@ def _accepted(request: Request, stage: Stage, job: Job) -> dict:
     status_code=202,
     response_model=DomainAccepted,
     summary="Add a domain: train the lineage's next stage (JSON, or multipart with the file)",
+    dependencies=[Depends(idempotency_header)],
     openapi_extra=DOMAIN_BODY,
 )
 async def post_domain(
     lineage_id: int, request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
+    """Add a domain: creates the lineage's next stage and its job (202). Send JSON naming one of
+    your corpora, or multipart with the file itself. Checked in the request (pre-flight), so a
+    job is never queued to fail: the name is free, the corpus fills at least two chunks of the
+    lineage's `block_size` with the base's tokenizer (422 `corpus_too_small`), the job stays
+    within `DAS_MAX_JOB_TOKENS` (422) and you have fewer than `DAS_MAX_ACTIVE_JOBS_PER_OWNER`
+    unfinished jobs (429). Stages run strictly in order. Honours `Idempotency-Key`.
+    """
     settings = request.app.state.settings
     factory = request.app.state.session_factory
+    reads = request.app.state.read_session_factory
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
 
     if ctype == "multipart/form-data":
 
-        def precheck() -> None:
+        def precheck() -> None:  # refuse before the upload streams in, where we can
             with factory() as session:
                 owned_lineage(session, lineage_id, principal.owner)
+                if HEADER not in request.headers:  # (a replay is answered whatever the usage)
+                    quotas.check_active_jobs(settings, session, principal.owner, adding=1)
+                    quotas.check_storage(settings, session, principal.owner, adding=0)
 
         await run_in_threadpool(precheck)
 
@@ -325,13 +512,34 @@ async def post_domain(
                 )
             body = _domain_fields(result.fields)
             fmt, compressed, report = validate_upload(settings, result.file)
+            with reads() as read:
+                preflight_domain(
+                    settings,
+                    read,
+                    principal.owner,
+                    lineage_id,
+                    body.name,
+                    result.file.path,
+                    int(report.get("characters", 0)),
+                    body.eval_corpus_id,
+                    corpus_field="file",
+                )
             with factory() as session:
+                quotas.lock_owner(session, principal.owner)
+                quotas.check_storage(settings, session, principal.owner, adding=result.file.bytes)
                 corpus = corpus_row(settings, principal.owner, result.file, fmt, compressed, report)
                 session.add(corpus)
                 session.flush()
                 stage, job = add_domain(
-                    session, principal.owner, lineage_id, corpus, body.name, body.eval_corpus_id
+                    session,
+                    principal.owner,
+                    lineage_id,
+                    corpus,
+                    body.name,
+                    body.eval_corpus_id,
+                    settings=settings,
                 )
+                _check_answer(stage, job)
                 _commit_domain(session)
             return _accepted(request, stage, job)
 
@@ -349,11 +557,30 @@ async def post_domain(
     scope = IdempotencyScope.from_request(request, principal.owner)
 
     def produce() -> dict:
+        with reads() as read:
+            corpus = owned_corpus(read, body.corpus_id, principal.owner)
+            preflight_domain(
+                settings,
+                read,
+                principal.owner,
+                lineage_id,
+                body.name,
+                corpus,
+                corpus.characters,
+                body.eval_corpus_id,
+            )
         with factory() as session:
             corpus = owned_corpus(session, body.corpus_id, principal.owner)
             stage, job = add_domain(
-                session, principal.owner, lineage_id, corpus, body.name, body.eval_corpus_id
+                session,
+                principal.owner,
+                lineage_id,
+                corpus,
+                body.name,
+                body.eval_corpus_id,
+                settings=settings,
             )
+            _check_answer(stage, job)
             _commit_domain(session)
         return _accepted(request, stage, job)
 
@@ -398,121 +625,6 @@ def _domain_fields(fields: dict[str, str]) -> DomainCreate:
             "; ".join(f"{e['field']}: {e['message']}" for e in errors),
             errors=errors,
         ) from exc
-
-
-# -- artifacts ----------------------------------------------------------------------------
-
-
-def succeeded_stage(
-    lineage_id: int,
-    position: int,
-    principal: Principal = Depends(authenticate),
-    session: Session = Depends(get_session),
-) -> Stage:
-    """The caller's stage at ``position`` (404), once it has succeeded (409 before)."""
-    stage = owned_stage(session, lineage_id, position, principal.owner)
-    if stage.job.status != JOB_SUCCEEDED:
-        raise Problem(
-            409,
-            "stage_not_ready",
-            f"stage {position} is {stage.job.status}; artifacts exist once it has succeeded",
-        )
-    return stage
-
-
-def _tar_response(request: Request, session: Session, plan: TarPlan, name: str) -> Response:
-    """The archive, with ETag / If-None-Match and a single byte Range (resumable)."""
-    session.close()  # no transaction is held while the archive streams
-    etag = plan.etag
-    if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers={"ETag": etag})
-    total = plan.content_length
-    headers = {
-        "Content-Disposition": f'attachment; filename="{name}.tar"',
-        "ETag": etag,
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "private, no-cache",
-    }
-    wanted = request.headers.get("range")
-    if_range = request.headers.get("if-range")
-    if wanted and (if_range is None or if_range == etag):
-        span = parse_range(wanted, total)
-        if span is None:
-            raise Problem(
-                416,
-                "range_not_satisfiable",
-                f"the archive has {total} bytes; ask for one range within it",
-                headers={"Content-Range": f"bytes */{total}"},
-            )
-        start, end = span
-        headers.update(
-            {
-                "Content-Length": str(end - start),
-                "Content-Range": f"bytes {start}-{end - 1}/{total}",
-            }
-        )
-        return StreamingResponse(
-            plan.stream(start, end),
-            status_code=206,
-            media_type="application/x-tar",
-            headers=headers,
-        )
-    headers["Content-Length"] = str(total)
-    return StreamingResponse(plan.stream(), media_type="application/x-tar", headers=headers)
-
-
-def _missing_artifact(what: str) -> Problem:
-    return Problem(410, "artifact_missing", f"the {what} files are no longer on the server")
-
-
-def _tar_route(summary: str) -> dict[str, Any]:
-    return {
-        "summary": summary,
-        "response_class": StreamingResponse,
-        "responses": {200: {"content": {"application/x-tar": {}}, "description": "a tar"}},
-    }
-
-
-@router.get(
-    "/{lineage_id}/stages/{position}/checkpoint",
-    **_tar_route("Download a stage's checkpoint (HF directory) as .tar"),
-)
-def download_checkpoint(
-    request: Request,
-    stage: Stage = Depends(succeeded_stage),
-    session: Session = Depends(get_session),
-) -> Response:
-    checkpoint = session.scalar(
-        select(Checkpoint)
-        .where(Checkpoint.stage_id == stage.id, Checkpoint.final.is_(True))
-        .order_by(Checkpoint.id.desc())
-    )
-    root = resolve_stored(request.app.state.settings, checkpoint.path) if checkpoint else None
-    if root is None or not root.is_dir():
-        raise _missing_artifact("checkpoint")
-    top = f"lineage-{stage.lineage_id}-stage-{stage.position}-{stage.name}"
-    return _tar_response(request, session, TarPlan.of_directory(root, top), top)
-
-
-@router.get(
-    "/{lineage_id}/stages/{position}/importance",
-    **_tar_route("Download a stage's importance snapshots (safetensors) as .tar"),
-)
-def download_importance(
-    request: Request,
-    stage: Stage = Depends(succeeded_stage),
-    session: Session = Depends(get_session),
-) -> Response:
-    snapshots = session.scalars(
-        select(ImportanceSnapshot)
-        .where(ImportanceSnapshot.stage_id == stage.id)
-        .order_by(ImportanceSnapshot.id)
-    ).all()
-    files: list[Path] = [resolve_stored(request.app.state.settings, s.path) for s in snapshots]
-    if not files or not all(f.is_file() for f in files):
-        raise _missing_artifact("importance")
-    top = f"lineage-{stage.lineage_id}-stage-{stage.position}-{stage.name}-importance"
-    return _tar_response(request, session, TarPlan.of_files(files, top), top)
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -564,5 +676,8 @@ def get_metrics(
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
+    """The lineage's evaluation matrix (loss and perplexity of the model after each stage on every
+    domain) and its forgetting summary (forgetting rate, BWT, FWT); non-finite values are null.
+    """
     lineage = owned_lineage(session, lineage_id, principal.owner)
     return json_ok(MetricsOut(lineage_id=lineage.id, **build_metrics(session, lineage)))

@@ -29,7 +29,15 @@ from sqlalchemy import func, select
 
 from app.main import create_app
 from app.models import Corpus, IdempotencyRecord, Lineage, Stage
-from tests.service.conftest import assert_problem, corpus_text, create_lineage, upload
+from tests.reliability.backends import BACKENDS, api_on, reads_answer_200, stored_rows
+from tests.service.conftest import (
+    TINY_HP,
+    assert_problem,
+    corpus_text,
+    create_lineage,
+    new_owner,
+    upload,
+)
 
 # -- corpora ---------------------------------------------------------------------------------
 
@@ -306,3 +314,183 @@ def test_malformed_idempotency_keys_are_400(client, alice, key):
         json={"name": "x", "base_model": "tiny-roberta"},
     )
     assert_problem(r, 400, "invalid_idempotency_key")
+
+
+# -- unstorable values, on SQLite and on PostgreSQL ---------------------------------------------
+#
+# Python's JSON parser accepts what neither database nor a JSON answer can hold. Each such
+# request is a 4xx problem naming the field; afterwards the list and get routes answer 200
+# and no row was stored.
+
+
+def _deep(levels: int, opener: str = "[", closer: str = "]") -> str:
+    return opener * levels + closer * levels
+
+
+LINEAGE_BAD = {
+    "lone-low-surrogate": r'{"extra": {"a": "\udfff"}}',
+    "lone-high-surrogate": r'{"extra": {"a": "x\ud800y"}}',
+    "surrogate-key": r'{"extra": {"\ud800": 1}}',
+    "nul-value": r'{"extra": {"a": "x\u0000y"}}',
+    "nul-key": r'{"extra": {"a\u0000": 1}}',
+    "nan-extra": '{"extra": {"a": NaN}}',
+    "infinity-extra": '{"extra": {"a": [1, -Infinity]}}',
+    "overflowing-float": '{"extra": {"a": 1e400}}',
+    "int-over-2**53": '{"extra": {"a": 9007199254740993}}',
+    "int-over-2**64": '{"extra": {"a": -18446744073709551617}}',
+    "deep-lists": '{"extra": ' + _deep(40) + "}",
+    "deep-objects": '{"extra": ' + '{"a": ' * 40 + "1" + "}" * 40 + "}",
+    "surrogate-unknown-key": r'{"\udc80": 1}',
+}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, tmp_path_factory):  # noqa: ANN001, ANN201
+    """(app, client) on SQLite, then on the real PostgreSQL (a fresh test database)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    with api_on(tmp_path_factory.mktemp(f"bad-{request.param}"), url) as pair:
+        yield pair
+
+
+@pytest.fixture
+def seeded(backend):  # noqa: ANN001, ANN201
+    """An owner with one lineage and one corpus on the backend."""
+    app, client = backend
+    owner = new_owner(app)
+    lineage = create_lineage(client, owner)
+    assert lineage.status_code == 201, lineage.text
+    corpus = upload(client, owner, "news.txt", corpus_text("news"))
+    assert corpus.status_code == 201, corpus.text
+    return app, client, owner, lineage.json()["id"], corpus.json()["id"]
+
+
+def _post_json(client, owner, url: str, raw: str):  # noqa: ANN001, ANN202
+    return client.post(
+        url, headers={**owner.headers, "Content-Type": "application/json"}, content=raw.encode()
+    )
+
+
+@pytest.mark.parametrize("case", sorted(LINEAGE_BAD))
+def test_unstorable_hyperparameters_are_422_and_store_nothing(seeded, case):
+    app, client, owner, lineage, corpus = seeded
+    before = stored_rows(app, owner)
+    raw = f'{{"name": "x", "base_model": "tiny-roberta", "hyperparameters": {LINEAGE_BAD[case]}}}'
+    problem = assert_problem(_post_json(client, owner, "/v1/lineages", raw), 422)
+    assert problem["code"] == "invalid_hyperparameters", problem
+    assert all(e["field"].startswith("hyperparameters") for e in problem["errors"]), problem
+    assert stored_rows(app, owner) == before
+    reads_answer_200(client, owner, lineage, corpus)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", r"a\udfffb"),
+        ("name", r"a\u0000b"),
+        ("name", r"line\nbreak"),
+        ("name", r"esc\u001b[31m"),
+        ("base_model", r"tiny\u0000roberta"),
+        ("base_model", r"\ud800"),
+        ("strategy", r"das\u0000"),
+    ],
+)
+def test_unstorable_strings_in_a_lineage_are_422_naming_the_field(seeded, field, value):
+    app, client, owner, lineage, corpus = seeded
+    before = stored_rows(app, owner)
+    body = {"name": "x", "base_model": "tiny-roberta"}
+    raw = json.dumps(body)[:-1] + f', "{field}": "{value}"}}'
+    problem = assert_problem(_post_json(client, owner, "/v1/lineages", raw), 422)
+    assert field in [e["field"] for e in problem["errors"]], problem
+    assert stored_rows(app, owner) == before
+    reads_answer_200(client, owner, lineage, corpus)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        r'{"corpus_id": CORPUS, "name": "a\udfff"}',
+        r'{"corpus_id": CORPUS, "name": "a\u0000"}',
+        r'{"corpus_id": CORPUS, "name": "\ud83d\ude00"}',
+        r'{"corpus_id": 100000000000000000000000000000, "name": "news"}',
+        r'{"corpus_id": CORPUS, "name": "news", "eval_corpus_id": -18446744073709551617}',
+        r'{"corpus_id": CORPUS, "name": "news", "eval_corpus_id": 1e400}',
+        '{"corpus_id": CORPUS, "name": "news", "x": ' + _deep(60) + "}",
+    ],
+)
+def test_unstorable_domain_requests_store_nothing(seeded, raw):
+    app, client, owner, lineage, corpus = seeded
+    before = stored_rows(app, owner)
+    r = _post_json(
+        client, owner, f"/v1/lineages/{lineage}/domains", raw.replace("CORPUS", str(corpus))
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert_problem(r, r.status_code)
+    assert stored_rows(app, owner) == before
+    reads_answer_200(client, owner, lineage, corpus)
+
+
+UNICODE = [
+    "\U0001f600 emoji",
+    "\U0001f469\u200d\U0001f469\u200d\U0001f467 family (ZWJ)",
+    "中文名称",
+    "עברית \u200fשלום",  # RTL with a right-to-left mark
+    "العربية",
+    "e\u0301 combining, \u0928\u093f Devanagari",
+    "\U0001d400 math bold, \ufeff BOM, \u00a0 nbsp",
+]
+
+
+@pytest.mark.parametrize("text", UNICODE)
+def test_valid_unicode_round_trips_in_every_string_field(seeded, text):
+    app, client, owner, _, _ = seeded
+    hyper = {**TINY_HP, "extra": {text: [text, {"k": text}]}}
+    r = client.post(
+        "/v1/lineages",
+        headers=owner.headers,
+        json={"name": text, "base_model": "tiny-roberta", "hyperparameters": hyper},
+    )
+    assert r.status_code == 201, r.text
+    got = client.get(f"/v1/lineages/{r.json()['id']}", headers=owner.headers).json()
+    assert got["name"] == text and got["hyperparameters"]["extra"] == hyper["extra"]
+    listed = client.get("/v1/lineages?limit=100", headers=owner.headers).json()["data"]
+    assert text in [lin["name"] for lin in listed]
+    corpus = upload(client, owner, f"{text}.txt", corpus_text("law"))
+    assert corpus.status_code == 201, corpus.text
+    assert corpus.json()["filename"] == f"{text}.txt"
+    stored = client.get(f"/v1/corpora/{corpus.json()['id']}", headers=owner.headers).json()
+    assert stored["filename"] == corpus.json()["filename"]
+
+
+def test_ids_and_cursors_beyond_the_integer_columns_are_404_or_empty(seeded):
+    """Found by the fuzzing on PostgreSQL: an id past INTEGER was a database error (500)."""
+    app, client, owner, lineage, corpus = seeded
+    big = 2**31
+    for url in (f"/v1/lineages/{big}", f"/v1/corpora/{big}", f"/v1/jobs/{big}"):
+        assert_problem(client.get(url, headers=owner.headers), 404)
+    r = client.post(
+        f"/v1/lineages/{lineage}/domains",
+        headers=owner.headers,
+        json={"corpus_id": corpus, "name": "news", "eval_corpus_id": big},
+    )
+    assert_problem(r, 404, "corpus_not_found")
+    page = client.get("/v1/lineages?after=999999999999999999", headers=owner.headers)
+    assert page.status_code == 200 and page.json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        '{"extra": ' + _deep(5000) + "}",  # deeper than Python's parser recurses
+        '{"extra": {"a": ' + "9" * 5000 + "}}",  # more digits than int() converts
+    ],
+    ids=["nesting-5000", "digits-5000"],
+)
+def test_bodies_the_json_parser_gives_up_on_are_4xx_and_store_nothing(seeded, hyper):
+    app, client, owner, lineage, corpus = seeded
+    before = stored_rows(app, owner)
+    raw = f'{{"name": "x", "base_model": "tiny-roberta", "hyperparameters": {hyper}}}'
+    r = _post_json(client, owner, "/v1/lineages", raw)
+    assert 400 <= r.status_code < 500, r.text
+    assert_problem(r, r.status_code)
+    assert stored_rows(app, owner) == before
+    reads_answer_200(client, owner, lineage, corpus)

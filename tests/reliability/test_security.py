@@ -44,6 +44,7 @@ def trained(tmp_path_factory):  # noqa: ANN201
         assert runner.run(first) == "succeeded"
         second = add_domain(client, alice, lineage, "law")
         ids = {"lineage_id": lineage, "corpus_id": corpus, "job_id": second, "position": 1}
+        ids["key_id"] = client.get("/v1/api-keys", headers=alice.headers).json()["data"][0]["id"]
         yield settings, app, client, alice, ids
 
 
@@ -177,7 +178,13 @@ def test_every_route_with_an_id_is_404_to_another_owner(trained):
             kwargs = {}
             if method == "POST" and template.endswith("/domains"):
                 kwargs["json"] = {"corpus_id": ids["corpus_id"], "name": "stolen"}
+            if method == "POST" and template.endswith("/fork"):
+                kwargs["json"] = {"name": "stolen", "from_stage": 1}
             r = client.request(method, path, headers={**bob.headers, **extra}, **kwargs)
+            if method == "HEAD":  # no body to read: the status and the headers say it
+                assert r.status_code == 404 and "etag" not in r.headers, (path, extra)
+                assert r.headers["content-type"].startswith("application/problem+json")
+                continue
             body = assert_problem(r, 404)
             assert body["code"].endswith("_not_found"), (method, path, body)
             assert "private" not in r.text and "etag" not in r.headers
@@ -186,6 +193,8 @@ def test_every_route_with_an_id_is_404_to_another_owner(trained):
         kwargs = (
             {"json": {"corpus_id": 999999, "name": "x"}} if template.endswith("/domains") else {}
         )
+        if template.endswith("/fork"):
+            kwargs = {"json": {"name": "x", "from_stage": 1}}
         assert client.request(method, missing, headers=bob.headers, **kwargs).status_code == 404
     # bob's own corpus cannot be attached to alice's lineage either, nor alice's to bob's
     bobs_lineage = create_lineage(client, bob).json()["id"]

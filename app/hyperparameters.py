@@ -1,0 +1,189 @@
+"""The JSON schema of ``hyperparameters``, generated from ``das_engine.config.TrainingConfig``.
+
+Names, types, defaults and enums come from the dataclass itself (``dataclasses.fields``
+and its type hints; ``das_engine.config`` imports no torch), so a field added to the engine
+appears in the OpenAPI document at once. What the dataclass cannot say -- a sentence per
+field and the ranges ``TrainingConfig.validate`` enforces -- is kept here;
+``tests/service/test_openapi.py`` checks that every field has a description and that each
+range here is the one the engine enforces. Validation itself stays the engine's: the schema
+documents the JSON the service accepts, it does not replace the check.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from functools import lru_cache
+from typing import Any
+
+# field -> (description, minimum, maximum, minimum excluded)
+Range = tuple[float | None, float | None, bool]
+FIELDS: dict[str, tuple[str, Range]] = {
+    "strategy": (
+        "The continual-learning method; if given, it must equal the lineage's `strategy`.",
+        (None, None, False),
+    ),
+    "learning_rate": ("AdamW learning rate.", (0.0, 1.0, True)),
+    "weight_decay": ("AdamW weight decay (not applied to biases and norms).", (0.0, 1.0, False)),
+    "batch_size": ("Chunks per optimisation micro-batch.", (1, 4096, False)),
+    "grad_accum": ("Micro-batches accumulated per optimisation step.", (1, 1024, False)),
+    "epochs": (
+        "Passes over the domain's training chunks; ignored when `max_steps` is set.",
+        (0.0, 1000.0, True),
+    ),
+    "max_steps": (
+        "Optimisation steps per domain; overrides `epochs` when set.",
+        (1, 10**7, False),
+    ),
+    "warmup_ratio": ("Share of the steps with a linear learning-rate warm-up.", (0.0, 0.5, False)),
+    "block_size": (
+        "Tokens per training chunk; at most the base model's position embeddings.",
+        (8, 8192, False),
+    ),
+    "mlm_probability": ("Share of tokens masked (MLM bases only).", (0.0, 0.9, True)),
+    "seed": ("Seed of sampling, masking and the held-out split.", (0, 2**31 - 1, False)),
+    "mask_mode": (
+        "DAS soft-masking: scale the update (`update`) or the gradient (`gradient`).",
+        (None, None, False),
+    ),
+    "normalization": ("How unit importance is normalised before masking.", (None, None, False)),
+    "importance_control": (
+        "`permuted`: the importance values shuffled onto random units (a control run).",
+        (None, None, False),
+    ),
+    "contrast_weight": (
+        "Lambda, the weight of DAS's contrastive loss (the paper uses 1; 0: soft-masking only).",
+        (0.0, 100.0, False),
+    ),
+    "temperature": ("Tau of the contrastive loss.", (0.0, 10.0, True)),
+    "importance_sample_ratio": (
+        "Share of the domain's chunks used to compute importance.",
+        (0.0, 1.0, True),
+    ),
+    "importance_max_batches": ("Most batches used to compute importance.", (1, 100000, False)),
+    "importance_dropout": (
+        "Dropout of the two proxy-KL views, only for a base without dropout of its own (Llama, "
+        "Mistral, Qwen2); 0 refuses such bases.",
+        (0.0, 0.9, False),
+    ),
+    "freeze_embeddings": ("Freeze the word embeddings (and a tied LM head).", (None, None, False)),
+    "freeze_layernorm": ("Freeze every normalisation layer.", (None, None, False)),
+    "mask_embeddings": (
+        "Measure and soft-mask the importance of each embedding row.",
+        (None, None, False),
+    ),
+    "mask_layernorm": (
+        "Measure and soft-mask the importance of each norm-layer element.",
+        (None, None, False),
+    ),
+    "eval_fraction": ("Share of the domain's documents held out to evaluate.", (0.0, 0.5, True)),
+    "eval_max_batches": ("Most batches of each evaluation.", (1, 100000, False)),
+    "checkpoint_every": ("Steps between two resumable checkpoints.", (1, 10**7, False)),
+    "mixed_precision": (
+        "`auto` picks bf16 on a GPU that has it; fp16 needs a GPU (refused when "
+        "`DAS_WORKER_DEVICE=cpu`).",
+        (None, None, False),
+    ),
+    "device": (
+        "Chosen by the server (each worker trains on its own accelerator): only `auto`.",
+        (None, None, False),
+    ),
+    "extra": (
+        "Free-form values kept with the lineage (any JSON object, at most 32 levels deep).",
+        (None, None, False),
+    ),
+    "kd_weight": ("Strategy `kd`: weight of the distillation loss.", (0.0, 1e4, False)),
+    "ewc_lambda": ("Strategy `ewc`: penalty weight lambda.", (0.0, 1e12, False)),
+    "ewc_gamma": ("Strategy `ewc`: online decay of the accumulated Fisher.", (0.0, 1.0, False)),
+    "ewc_fisher_samples": (
+        "Strategy `ewc`: chunks used to estimate a domain's Fisher.",
+        (1, 100000, False),
+    ),
+    "replay_buffer_size": ("Strategy `replay`: chunks kept in the buffer.", (1, 10**6, False)),
+    "replay_alpha": (
+        "Strategy `replay` (DER++): weight of the stored-output matching.",
+        (0.0, 1e4, False),
+    ),
+    "replay_beta": (
+        "Strategy `replay` (DER++): weight of the LM loss on replayed chunks.",
+        (0.0, 1e4, False),
+    ),
+    "adapter_rank": ("Strategy `adapter`: LoRA rank.", (1, 4096, False)),
+    "adapter_alpha": ("Strategy `adapter`: LoRA scaling numerator.", (0.0, 1e4, True)),
+}
+
+_ENUMS_BY_NAME = {"device": ["auto"]}  # the service's own restriction
+
+
+def _type_schema(hint: Any) -> dict[str, Any]:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return {"type": "string", "enum": list(typing.get_args(hint))}
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        inner = (
+            _type_schema(args[0]) if len(args) == 1 else {"anyOf": [_type_schema(a) for a in args]}
+        )
+        return {"anyOf": [inner, {"type": "null"}]}
+    if hint is bool:
+        return {"type": "boolean"}
+    if hint is int:
+        return {"type": "integer"}
+    if hint is float:
+        return {"type": "number"}
+    if hint is str:
+        return {"type": "string"}
+    if origin is dict or hint is dict:
+        return {"type": "object", "additionalProperties": True}
+    return {}
+
+
+def _with_range(schema: dict[str, Any], bounds: Range) -> dict[str, Any]:
+    lo, hi, lo_open = bounds
+    target = schema["anyOf"][0] if "anyOf" in schema else schema
+    if lo is not None:
+        target["exclusiveMinimum" if lo_open else "minimum"] = lo
+    if hi is not None:
+        target["maximum"] = hi
+    return schema
+
+
+def hyperparameters_schema() -> dict[str, Any]:
+    """``{"type": "object", "properties": {...}, "additionalProperties": false}`` (a copy)."""
+    return copy.deepcopy(_schema())
+
+
+@lru_cache
+def _schema() -> dict[str, Any]:
+    from das_engine.config import STRATEGIES, TrainingConfig
+
+    hints = typing.get_type_hints(TrainingConfig)
+    properties: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainingConfig):
+        schema = _type_schema(hints[f.name])
+        if f.name == "strategy":
+            schema = {"type": "string", "enum": list(STRATEGIES)}
+        if f.name in _ENUMS_BY_NAME:
+            schema["enum"] = _ENUMS_BY_NAME[f.name]
+        unknown: tuple[str, Range] = (f.metadata.get("description", ""), (None, None, False))
+        description, bounds = FIELDS.get(f.name, unknown)
+        schema = _with_range(schema, bounds)
+        if f.default is not dataclasses.MISSING:
+            schema["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            schema["default"] = f.default_factory()
+        if f.name == "strategy":
+            schema.pop("default", None)  # the lineage's strategy is the default
+        schema["description"] = description
+        properties[f.name] = schema
+    return {
+        "type": "object",
+        "title": "Hyperparameters",
+        "description": "Fields of das_engine's TrainingConfig; each is optional (its default "
+        "applies). Unknown names, values out of range and values no JSON answer can carry are "
+        "a 422 `invalid_hyperparameters` naming the field.",
+        "properties": properties,
+        "additionalProperties": False,
+    }
