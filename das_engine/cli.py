@@ -4,6 +4,7 @@ das-engine init-base --out base/ --from-corpus general.txt
 das-engine run --base base/ --strategy das --out lineage/ domain1.txt domain2.jsonl
 das-engine add --lineage lineage/ domain3.txt
 das-engine metrics --lineage lineage/ [--json]
+das-engine eval --lineage lineage/ --task legal=legal.jsonl --task cooking=cooking.jsonl [--json]
 das-engine fork --lineage lineage/ --stage 1 --out branch/
 das-engine bases [--models-dir DIR]
 
@@ -200,9 +201,64 @@ def cmd_add(args) -> None:
 
 
 def cmd_metrics(args) -> None:
+    from das_engine.end_task import stored_matrix
     from das_engine.lineage import Lineage
 
-    _finish(Lineage.open(Path(args.lineage)), args)
+    lineage = Lineage.open(Path(args.lineage))
+    _finish(lineage, args)
+    end_task = stored_matrix(lineage)
+    if end_task is not None:
+        print("\nend-task results as of the last `das-engine eval`:")
+        print(format_end_task(end_task))
+
+
+def format_end_task(r: dict) -> str:
+    """Accuracy and macro-F1 matrices (row = base / after stage, column = task) + summary."""
+    width = max([len(x) for x in r["rows"]] + [8])
+    lines = []
+    for key, title in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+        how = "linear probe" if r["settings"].get("mode") == "linear" else "fine-tuned"
+        lines.append(f"end-task {title} ({how}; row = after stage, column = task):")
+        lines.append(" " * (width + 2) + " ".join(f"{t[:7]:>7}" for t in r["tasks"]))
+        for name, row in zip(r["rows"], r[key], strict=True):
+            lines.append(f"{name:<{width}}  " + " ".join(_fmt(x) for x in row))
+        s = r["summary"][key]
+        lines.append(
+            f"forgetting rate {_fmt(s['forgetting_rate'])}   bwt {_fmt(s['bwt'])}   "
+            f"fwt {_fmt(s['fwt'])}   max-forgetting {_fmt(s['max_forgetting'])}"
+        )
+    aligned = r["summary"]["accuracy"]["aligned_tasks"]
+    if len(aligned) < len(r["tasks"]):
+        lines.append(
+            "tasks not named after a domain of the lineage are left out of forgetting/transfer"
+        )
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> None:
+    from das_engine.end_task import end_task_matrix
+    from das_engine.lineage import Lineage
+
+    lineage = Lineage.open(Path(args.lineage))
+    tasks: dict[str, Path] = {}
+    for name, path in _domain_args(args.task):
+        if name in tasks:
+            raise DasError(f"task {name!r} given twice")
+        tasks[name] = path
+    result = end_task_matrix(
+        lineage,
+        tasks,
+        progress=None if args.quiet else _say,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        mode=args.mode,
+        **({"epochs": args.epochs, "lr": args.lr} if args.mode == "finetune" else {}),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_end_task(result))
+        _say(f"{result['computed']} new cell(s); stored in {lineage.path / 'end_task'}")
 
 
 def cmd_fork(args) -> None:
@@ -320,6 +376,29 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--lineage", required=True)
     met.add_argument("--json", action="store_true")
     met.set_defaults(func=cmd_metrics)
+
+    ev = sub.add_parser("eval", help="end-task accuracy/macro-F1 of every stage (linear probe)")
+    ev.add_argument("--lineage", required=True)
+    ev.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="NAME=FILE.jsonl",
+        help='labelled JSONL, one {"text": ..., "label": ...} a line; name it after a domain',
+    )
+    ev.add_argument("--seed", type=int, default=0, help="split and classifier seed")
+    ev.add_argument("--test-fraction", type=float, default=0.3)
+    ev.add_argument(
+        "--mode",
+        choices=["linear", "finetune"],
+        default="linear",
+        help="linear probe on frozen features (default) or fine-tuning with a linear head",
+    )
+    ev.add_argument("--epochs", type=int, default=3, help="finetune mode: epochs")
+    ev.add_argument("--lr", type=float, default=1e-4, help="finetune mode: AdamW learning rate")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     fork = sub.add_parser("fork", help="branch a lineage after a given stage")
     fork.add_argument("--lineage", required=True)
