@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import subprocess
@@ -101,6 +102,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from app.main import create_app
     from app.migrate import upgrade
+    from worker.isolation import set_parent_death_signal
 
     upgrade(settings)
     key = local_api_key(settings)
@@ -112,23 +114,31 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     log_dir = settings.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     worker_log = (log_dir / "worker.log").open("ab")
+    # SIGTERM (docker stop, systemd) stops the service as Ctrl-C does. uvicorn handles both
+    # while it serves, then raises the signal again: without a handler of ours SIGTERM's
+    # default action would kill this process before it stops the worker.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stop)
     worker = subprocess.Popen(
         worker_command(settings),
         env=env,
         stdout=worker_log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,  # Ctrl-C reaches us; we stop the worker ourselves
+        start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the worker
+        # should serve be killed without a chance to stop it (kill -9), the kernel sends the
+        # worker SIGTERM: its warm shutdown
+        preexec_fn=functools.partial(set_parent_death_signal, signal.SIGTERM),
     )
     url = f"http://{settings.host}:{port}"
-    print(
-        f"DAS service on {url}  (API docs: {url}/docs)\n"
-        f"API key (owner 'local'): {key}\n"
-        f"  export DAS_URL={url} DAS_KEY={key}\n"
-        f"worker pid {worker.pid}, log {log_dir / 'worker.log'}\n"
-        f"data in {settings.data_dir}; Ctrl-C stops both",
-        flush=True,
-    )
     try:
+        print(
+            f"DAS service on {url}  (API docs: {url}/docs)\n"
+            f"API key (owner 'local'): {key}\n"
+            f"  export DAS_URL={url} DAS_KEY={key}\n"
+            f"worker pid {worker.pid}, log {log_dir / 'worker.log'}\n"
+            f"data in {settings.data_dir}; Ctrl-C (or SIGTERM) stops both",
+            flush=True,
+        )
         # keep-alive longer than a poller's interval (and than a proxy's idle timeout):
         # with uvicorn's 5 s, a client polling every 5 s races the server closing its
         # connection and gets a reset (benchmarks/load_status.py --interval 5)
@@ -139,22 +149,48 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             log_level="info",
             timeout_keep_alive=KEEP_ALIVE_S,
         )
+    except _Stop:
+        pass
     finally:
+        print("stopping the worker (the running job stops at its next step)", flush=True)
         _stop(worker)
         worker_log.close()
     return 0
 
 
-def _stop(process: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """Warm shutdown (the running job stops at a step boundary... or its lease expires and it
-    resumes at the next start), then a kill if it does not exit in time."""
+class _Stop(BaseException):
+    """SIGTERM or SIGINT: stop the API and the worker (BaseException: no ``except
+    Exception`` on the way swallows it)."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signum)
+
+
+STOP_GRACE_S = 60.0
+
+
+def _stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """Warm shutdown: the running job stops at its next step and goes back to the queue
+    (it resumes from its last step checkpoint at the next start); the worker's process group
+    (the worker and the job's process) is killed if it does not exit in time, or at a
+    second SIGTERM / Ctrl-C."""
+
+    def kill_group(*_: object) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the worker leads its own session
+        except (ProcessLookupError, PermissionError):
+            process.kill()
+
     if process.poll() is not None:
         return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, kill_group)
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        process.kill()
+        kill_group()
         process.wait()
 
 
@@ -166,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_create_api_key)
     p = sub.add_parser("migrate", help="apply the database migrations")
     p.set_defaults(func=cmd_migrate)
-    p = sub.add_parser("serve", help="migrate, then run the API and one worker (Ctrl-C stops)")
+    p = sub.add_parser(
+        "serve", help="migrate, then run the API and one worker (Ctrl-C or SIGTERM stops)"
+    )
     p.add_argument("--port", type=int, default=None, help="default: $PORT or 8000")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("worker", help="run one Celery worker (one job at a time)")

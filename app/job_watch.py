@@ -52,17 +52,9 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 def event_body(event: JobEvent) -> dict[str, Any]:
-    from app.schemas import JobEventOut
+    from app.presenters import event_out  # scrubbed of server details, as the pages are
 
-    return JobEventOut(
-        id=event.id,
-        job_id=event.job_id,
-        created_at=event.created_at,
-        level=event.level,
-        type=event.type,
-        message=event.message,
-        data=event.data,
-    ).model_dump(mode="json")
+    return event_out(event).model_dump(mode="json")
 
 
 @dataclass

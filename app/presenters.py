@@ -5,8 +5,10 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from app.models import JOB_SUCCEEDED, Corpus, Job, Lineage, Stage
-from app.schemas import CorpusOut, JobError, JobOut, LineageOut, StageOut
+from app.models import JOB_SUCCEEDED, Corpus, Job, JobEvent, Lineage, Stage
+from app.redaction import scrub_data, scrub_text
+from app.schemas import CorpusOut, JobError, JobEventOut, JobOut, LineageOut, StageOut
+from app.settings import Settings
 
 
 def corpus_out(corpus: Corpus) -> CorpusOut:
@@ -39,13 +41,31 @@ def job_out(job: Job, stage: Stage) -> JobOut:
         loss=job.loss,
         trained_tokens=job.trained_tokens or 0,
         eta_seconds=job.eta_seconds,
-        error=JobError(**job.error) if job.error else None,
+        error=JobError(**scrub_data(job.error)) if job.error else None,
         attempts=job.attempts,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
         heartbeat_at=job.heartbeat_at,
         updated_at=job.updated_at,
+    )
+
+
+def event_out(event: JobEvent, settings: Settings | None = None) -> JobEventOut:
+    """An event as users see it. The worker writes events without server details; this
+    scrubs them again for rows an older version wrote (``traceback`` events, ``worker``
+    keys, absolute paths)."""
+    message = event.message
+    if event.type == "traceback":
+        message = "the details of this error are in the server log"
+    return JobEventOut(
+        id=event.id,
+        job_id=event.job_id,
+        created_at=event.created_at,
+        level=event.level,
+        type=event.type,
+        message=scrub_text(message, settings),
+        data=scrub_data(event.data or {}, settings),
     )
 
 

@@ -125,6 +125,11 @@ class JobError(BaseModel):
     code: str = Field(description="stable error code (see the service documentation)")
     message: str = Field(description="what went wrong")
     phase: str | None = Field(None, description="the phase it failed in")
+    correlation_id: str | None = Field(
+        None,
+        description="internal errors: the key to the server log's entry (the traceback is "
+        "never shown)",
+    )
 
 
 class JobOut(BaseModel):
@@ -139,8 +144,9 @@ class JobOut(BaseModel):
         "`cancelling`); a job is validated in the request that creates it, so it starts "
         "`queued` (`validating` is never reported)"
     )
-    phase: Literal["importance", "training", "evaluating"] | None = Field(
-        description="what a running job does"
+    phase: Literal["preparing", "importance", "scoring", "training", "evaluating"] | None = Field(
+        description="what a running job does (in this order; see the service documentation "
+        "for the share of `progress` each one covers)"
     )
     progress: float = Field(ge=0.0, le=1.0, description="0 to 1, only moves forward")
     step: int | None = Field(description="training steps done")

@@ -8,7 +8,15 @@ Reliability, in order of the code:
   so a worker that lost its lease can never overwrite the job of the one that took it over;
 - a job whose lease expired is claimed again and ``Lineage.add_domain`` resumes the partial
   stage from its last step checkpoint;
-- cancellation is cooperative: ``should_cancel`` reads the job's status (``cancelling``).
+- cancellation is cooperative: ``should_cancel`` reads the job's status (``cancelling``);
+- each job trains in a fresh child process (``worker.isolation``): the worker claims the job
+  and keeps its lease alive, the child writes progress and the outcome (guarded by the same
+  claim token); a child that dies without an outcome frees its lease at once, so the job
+  is claimed again (and, after ``max_attempts``, fails with ``worker_lost``);
+- a warm shutdown of the worker (SIGTERM, Ctrl-C) stops the job at its next step and puts
+  it back in the queue; it resumes from its last step checkpoint at the next claim;
+- nothing a user reads names the server: no host name, pid, folder or traceback (a
+  traceback goes to the server's log under a correlation id that the job's error shows).
 """
 
 from __future__ import annotations
@@ -18,10 +26,10 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +48,7 @@ from app.models import (
     JOB_QUEUED,
     JOB_RUNNING,
     JOB_SUCCEEDED,
+    JOB_TERMINAL,
     Checkpoint,
     Corpus,
     EvalScore,
@@ -49,15 +58,14 @@ from app.models import (
     Stage,
     utcnow,
 )
+from app.redaction import scrub_data, scrub_text
 from app.settings import Settings
 from app.storage import resolve_stored, stored_path
+from worker.progress import PREPARING, TRAINING, ProgressTracker
 
 log = logging.getLogger("das.worker")
 
 T = TypeVar("T")
-
-# Share of the job's progress bar given to each phase (the bar only moves forward).
-PHASE_SPAN = {"importance": (0.0, 0.1), "training": (0.1, 0.9), "evaluating": (0.9, 1.0)}
 
 
 class LeaseLost(Exception):
@@ -69,6 +77,8 @@ class Claim:
     job_id: int
     token: str
     attempt: int
+    lineage_id: int = 0
+    progress: float = 0.0  # where the job's bar stood (an attempt never moves it back)
 
 
 def worker_identity() -> str:
@@ -96,17 +106,34 @@ def with_db_retry(step: Callable[[], T], what: str, attempts: int = DB_ATTEMPTS)
 
 
 class JobRunner:
+    """Claims jobs and runs each one, by default in a fresh child process
+    (``isolate=False`` runs it in this process: tests that inject faults by monkeypatching
+    the engine use that). ``child_setup``, a function importable by name, runs first in each
+    child (tests inject faults there)."""
+
     def __init__(
         self,
         settings: Settings,
         factory: sessionmaker[Session],
         enqueue: Callable[[Iterable[int]], list[int]],
         worker_id: str | None = None,
+        *,
+        isolate: bool = True,
+        child_setup: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
         self.enqueue = enqueue
         self.worker_id = worker_id or worker_identity()
+        self.isolate = isolate
+        self.child_setup = child_setup
+        self.stopping = threading.Event()
+
+    def request_stop(self) -> None:
+        """The worker is shutting down: the running job stops at its next step and goes back
+        to the queue (safe to call from a signal handler: it only sets a flag, which the
+        waiting worker forwards to the job's process)."""
+        self.stopping.set()
 
     # -- claim ---------------------------------------------------------------------------
     def claim(self, job_id: int) -> Claim | str:
@@ -168,36 +195,112 @@ class JobRunner:
             if result.rowcount != 1:
                 return f"not_claimable ({job.status})"
             attempt = (job.attempts or 0) + 1
+            # which worker runs it is the server's business (the log), not the user's
+            log.info("job %s: attempt %s on %s", job_id, attempt, self.worker_id)
             add_event(
                 session,
                 job_id,
                 "claimed" if attempt == 1 else "resumed",
-                f"attempt {attempt} on {self.worker_id}"
+                f"attempt {attempt}"
                 + (" (resuming from the last step checkpoint)" if attempt > 1 else ""),
-                data={"attempt": attempt, "worker": self.worker_id},
+                data={"attempt": attempt},
             )
-        return Claim(job_id, token, attempt)
+        return Claim(job_id, token, attempt, job.lineage_id, float(job.progress or 0.0))
 
     # -- the run -------------------------------------------------------------------------
     def run(self, job_id: int) -> str:
+        if self.stopping.is_set():
+            # a message taken during the warm shutdown: leave the job as it is (queued, or
+            # its lease); the sweep of the next worker start sends it again
+            log.info("job %s: not started, the worker is shutting down", job_id)
+            return "worker_stopping"
         claim = self.claim(job_id)
         if isinstance(claim, str):
             log.info("job %s: message ignored: %s", job_id, claim)
             return claim
         log.info("job %s: claimed (attempt %s)", job_id, claim.attempt)
-        context = _RunContext(self, claim)
-        context.start_heartbeat()
+        heartbeat = _Heartbeat(self.settings, self.factory, claim)
+        heartbeat.start()
         try:
-            outcome = context.execute()
+            died = ""
+            if self.isolate:
+                outcome, died = self._run_in_child(claim)
+            else:
+                context = RunContext(
+                    self.settings, self.factory, claim, self.stopping.is_set, heartbeat.lost
+                )
+                outcome = context.execute()
         finally:
-            context.stop_heartbeat()
+            heartbeat.stop()
+        if outcome == "process_died":
+            outcome = self._after_child_death(claim, died)
         log.info("job %s: %s", job_id, outcome)
-        if context.lineage_id:
-            # After a success; also after a lost lease, which may hide a success whose commit
-            # was acknowledged by a dying connection. Sends nothing unless the lineage's
-            # first unfinished stage is queued.
-            self.enqueue_next(context.lineage_id)
-            self._purge_if_deleted(context.lineage_id)
+        # After a success; also after a lost lease, which may hide a success whose commit
+        # was acknowledged by a dying connection; after a shutdown (the job is queued again
+        # and goes back to the broker). Sends nothing unless the lineage's first unfinished
+        # stage is queued.
+        self.enqueue_next(claim.lineage_id)
+        self._purge_if_deleted(claim.lineage_id)
+        return outcome
+
+    def _run_in_child(self, claim: Claim) -> tuple[str, str]:
+        """(outcome, how the child died when it gave none)."""
+        from worker.isolation import ChildJob
+
+        child = ChildJob(self.settings, claim, self.child_setup)
+        log.info("job %s: training in child process %s", claim.job_id, child.pid)
+        ended = child.wait(self.stopping)
+        if ended.outcome is not None:
+            return ended.outcome, ""
+        if ended.asked_to_stop and ended.exitcode == -signal.SIGTERM:
+            # stopped before it could install its handler (still importing): it never
+            # trained, so the job goes back to the queue as after a cooperative stop
+            return RunContext(self.settings, self.factory, claim).requeue(), ""
+        log.error("job %s: its process, %s, ended without an outcome", claim.job_id, ended.died)
+        return "process_died", ended.died
+
+    def _after_child_death(self, claim: Claim, how: str) -> str:
+        """The job's process died without a word (killed, the OOM killer, a crash in native
+        code): as if its worker had died, the lease is freed at once and the job sent again,
+        to resume from its last step checkpoint; the claim counts the attempts and fails the
+        job with ``worker_lost`` after ``max_attempts``."""
+
+        def record() -> str:
+            with self.factory() as session, session.begin():
+                job = session.get(Job, claim.job_id)
+                if job is None:
+                    return "not_found"
+                if job.claim_token != claim.token:  # it had recorded its end, or lost the job
+                    return job.status if job.status in JOB_TERMINAL else "lease_lost"
+                if job.status == JOB_CANCELLING:
+                    finish_job(session, job, JOB_CANCELLED, message="cancelled (its process ended)")
+                    return JOB_CANCELLED
+                job.lease_expires_at = utcnow() - timedelta(seconds=1)
+                job.updated_at = utcnow()
+                add_event(
+                    session,
+                    job.id,
+                    "process_died",
+                    f"the job's process ended without a result ({how}); "
+                    + (
+                        "it runs again from its last step checkpoint"
+                        if claim.attempt < self.settings.max_attempts
+                        else "that was its last attempt"
+                    ),
+                    level="warning",
+                    data={"attempt": claim.attempt, "max_attempts": self.settings.max_attempts},
+                )
+                return "process_died"
+
+        outcome = with_db_retry(record, f"job {claim.job_id}: record the process's death")
+        if outcome == "process_died":
+            sent = self.enqueue([claim.job_id])
+
+            def mark() -> None:
+                with self.factory() as session, session.begin():
+                    mark_enqueued(session, sent)
+
+            with_db_retry(mark, f"job {claim.job_id}: mark sent")
         return outcome
 
     def _purge_if_deleted(self, lineage_id: int) -> None:
@@ -211,6 +314,9 @@ class JobRunner:
             log.warning("lineage %s: files not removed yet", lineage_id, exc_info=True)
 
     def enqueue_next(self, lineage_id: int) -> None:
+        if not lineage_id:
+            return
+
         def next_job() -> int | None:
             with self.factory() as session, session.begin():
                 job = next_runnable_job(session, lineage_id)
@@ -227,24 +333,82 @@ class JobRunner:
             with_db_retry(mark, f"job {job_id}: mark sent")
 
 
-class _RunContext:
-    """The state of one claimed run: heartbeat, throttled progress, cancel checks."""
+class _Heartbeat:
+    """Extends the claim's lease every quarter lease, in the worker, until stopped; sets
+    ``lost`` when another worker owns the job now."""
 
-    def __init__(self, runner: JobRunner, claim: Claim) -> None:
-        self.runner = runner
-        self.settings = runner.settings
-        self.factory = runner.factory
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], claim: Claim) -> None:
+        self.settings = settings
+        self.factory = factory
         self.claim = claim
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.phase: str | None = None
-        self.progress = 0.0
+        self._thread = threading.Thread(target=self._beat, name="das-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        interval = max(0.5, self.settings.lease_seconds / 4)
+        while not self._stop.wait(interval):
+            now = utcnow()
+            try:
+                with self.factory() as session, session.begin():
+                    result = session.execute(
+                        update(Job)
+                        .where(Job.id == self.claim.job_id, Job.claim_token == self.claim.token)
+                        .values(
+                            updated_at=now,
+                            heartbeat_at=now,
+                            lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
+                        )
+                        .execution_options(synchronize_session=False)
+                    )
+                    if result.rowcount != 1:
+                        raise LeaseLost()
+            except LeaseLost:
+                self.lost.set()
+                # finished by the job's process a moment ago, or taken over by another worker
+                log.info("job %s: no longer held by this claim", self.claim.job_id)
+                return
+            except OperationalError:  # the database blinked: try again at the next beat
+                log.warning("job %s: heartbeat failed; retrying", self.claim.job_id, exc_info=True)
+
+
+class RunContext:
+    """The state of one claimed run (in the job's process): throttled progress, cancel and
+    stop checks, the outcome. Every write is guarded by the claim token."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        claim: Claim,
+        stop_requested: Callable[[], bool] = lambda: False,
+        lost: threading.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.claim = claim
+        self.stop_requested = stop_requested
+        self.lost = lost if lost is not None else threading.Event()
+        self.interrupted = False
+        self.tracker = ProgressTracker(progress=min(1.0, max(0.0, claim.progress)))
+        self._seen_progress = False
         self._last_write = 0.0
-        self._last_event_step: dict[str, int] = {}
+        self._last_event_step: dict[int, int] = {}
         self._cancel_checked = 0.0
         self._cancel_cached = False
-        self.lineage_id = 0
+        self.lineage_id = claim.lineage_id
+        self.step = 0
+
+    @property
+    def phase(self) -> str | None:
+        return self.tracker.phase if self._seen_progress else None
 
     # -- writes guarded by the claim token ---------------------------------------------------
     def _guarded(self, session: Session, **values: Any) -> None:
@@ -265,45 +429,19 @@ class _RunContext:
             raise LeaseLost()
         return job
 
-    # -- heartbeat ---------------------------------------------------------------------------
-    def start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name="das-heartbeat", daemon=True)
-        self._thread.start()
-
-    def stop_heartbeat(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _beat(self) -> None:
-        interval = max(0.5, self.settings.lease_seconds / 4)
-        while not self._stop.wait(interval):
-            now = utcnow()
-            try:
-                with self.factory() as session, session.begin():
-                    self._guarded(
-                        session,
-                        heartbeat_at=now,
-                        lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
-                    )
-            except LeaseLost:
-                log.warning("job %s: lease lost; stopping at the next step", self.claim.job_id)
-                return
-            except OperationalError:  # the database blinked: try again at the next beat
-                log.warning("job %s: heartbeat failed; retrying", self.claim.job_id, exc_info=True)
-
     # -- engine callbacks --------------------------------------------------------------------
     def on_progress(self, event: Any) -> None:
-        phase = event.phase if event.phase in PHASE_SPAN else (self.phase or "training")
-        lo, hi = PHASE_SPAN[phase]
-        fraction = (event.step / event.total) if event.total else 0.0
-        self.progress = max(self.progress, lo + (hi - lo) * min(1.0, max(0.0, fraction)))
-        phase_changed = phase != self.phase
-        self.phase = phase
+        tracker = self.tracker
+        changed = tracker.update(event.phase, event.step, event.total) or not self._seen_progress
+        self._seen_progress = True
+        phase, segment = tracker.phase, tracker.segment
+        training_step = segment == TRAINING and event.phase == "training" and event.total
+        if training_step:
+            self.step = event.step
         now = time.monotonic()
-        last_step = self._last_event_step.get(phase)
+        last_step = self._last_event_step.get(segment)
         event_due = (
-            phase_changed
+            changed
             or bool(event.message)
             or (event.total and event.step >= event.total)
             or last_step is None
@@ -313,8 +451,8 @@ class _RunContext:
         if not write_due:
             return
         self._last_write = now
-        values: dict[str, Any] = {"phase": phase, "progress": self.progress}
-        if phase == "training" and event.total:  # step, total and ETA count training steps
+        values: dict[str, Any] = {"phase": phase, "progress": tracker.progress}
+        if training_step:  # step, total and ETA count training steps
             values["step"] = event.step
             values["total_steps"] = event.total
             values["eta_seconds"] = event.eta_s
@@ -325,13 +463,13 @@ class _RunContext:
             with self.factory() as session, session.begin():
                 self._guarded(session, **values)
                 if event_due:
-                    self._last_event_step[phase] = event.step
+                    self._last_event_step[segment] = event.step
                     add_event(
                         session,
                         self.claim.job_id,
-                        "phase" if phase_changed else "progress",
+                        "phase" if changed else "progress",
                         event.message or f"{phase} step {event.step}/{event.total}",
-                        data=_json_safe(event.to_dict()),
+                        data=self._clean(tracker.event_data(event.to_dict())),
                     )
         except LeaseLost:
             pass  # should_cancel() now answers True
@@ -342,6 +480,9 @@ class _RunContext:
 
     def should_cancel(self) -> bool:
         if self.lost.is_set():
+            return True
+        if self.stop_requested():  # the worker shuts down: stop here, back to the queue
+            self.interrupted = True
             return True
         now = time.monotonic()
         if now - self._cancel_checked < 1.0:
@@ -358,6 +499,9 @@ class _RunContext:
             self.lost.set()
         self._cancel_cached = row.status == JOB_CANCELLING or self.lost.is_set()
         return self._cancel_cached
+
+    def _clean(self, data: Any) -> Any:
+        return scrub_data(_json_safe(data), self.settings)
 
     # -- the job -----------------------------------------------------------------------------
     def execute(self) -> str:
@@ -388,6 +532,8 @@ class _RunContext:
         except Cancelled:
             if self.lost.is_set():
                 return "lease_lost"
+            if self.interrupted:
+                return self.requeue()
             return self._finish(JOB_CANCELLED, None, "cancelled at a step boundary")
         except LineageBusyError:
             # The lineage is locked by a worker that has lost its lease but not yet noticed
@@ -408,22 +554,60 @@ class _RunContext:
                 return self._fail("out_of_memory", "the GPU ran out of memory")
             return self._fail_unexpected(exc)
 
-    def _fail(self, code: str, message: str) -> str:
-        # the server's folders are nobody's business: name them as the configuration does
-        message = message.replace(str(self.settings.data_dir), "$DAS_DATA_DIR")
-        error = {"code": code, "message": message[:2000], "phase": self.phase}
+    def _fail(self, code: str, message: str, **extra: Any) -> str:
+        # the server's folders and host are nobody's business: name them as the config does
+        message = scrub_text(message, self.settings)
+        error = {"code": code, "message": message[:2000], "phase": self.phase, **extra}
         return self._finish(JOB_FAILED, error, f"failed: {message[:500]}")
 
     def _fail_unexpected(self, exc: BaseException) -> str:
-        log.exception("job %s: unexpected error", self.claim.job_id)
-        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        status = self._fail("internal_error", f"unexpected {type(exc).__name__} in the worker")
-        try:
+        """The traceback goes to the server's log under a correlation id; the user sees the
+        id (to quote when asking the operator), never the trace."""
+        correlation_id = secrets.token_hex(8)
+        log.error(
+            "job %s: unexpected error [correlation id %s]",
+            self.claim.job_id,
+            correlation_id,
+            exc_info=exc,
+        )
+        return self._fail(
+            "internal_error",
+            f"unexpected {type(exc).__name__} in the worker; the operator can find the details "
+            f"in the server log under correlation id {correlation_id}",
+            correlation_id=correlation_id,
+        )
+
+    def requeue(self) -> str:
+        """Back to ``queued`` after a stop for a shutdown: the partial stage and its step
+        checkpoints stay, and the next claim resumes from the last one."""
+
+        def record() -> str:
             with self.factory() as session, session.begin():
-                add_event(session, self.claim.job_id, "traceback", trace[-8000:], level="error")
-        except OperationalError:
-            pass
-        return status
+                job = self._owned_job(session)
+                if job.status == JOB_CANCELLING:  # the user's cancel wins
+                    finish_job(session, job, JOB_CANCELLED, message="cancelled at a step boundary")
+                    return JOB_CANCELLED
+                job.status = JOB_QUEUED
+                job.claim_token = None
+                job.lease_expires_at = None
+                job.eta_seconds = None
+                job.enqueued_at = None
+                job.updated_at = utcnow()
+                add_event(
+                    session,
+                    job.id,
+                    "interrupted",
+                    f"the worker is shutting down: stopped at training step {self.step}; "
+                    "back in the queue, the job resumes from its last step checkpoint",
+                    level="warning",
+                    data={"step": self.step, "phase": self.phase},
+                )
+                return "requeued"
+
+        try:
+            return with_db_retry(record, f"job {self.claim.job_id}: back to the queue")
+        except LeaseLost:
+            return "lease_lost"
 
     def _finish(self, status: str, error: dict | None, message: str) -> str:
         def record() -> str:
@@ -477,7 +661,7 @@ class _RunContext:
 
         def announce() -> None:
             with self.factory() as session, session.begin():
-                self._guarded(session)
+                self._guarded(session, phase=self.tracker.phase)
                 add_event(
                     session,
                     self.claim.job_id,
@@ -485,6 +669,8 @@ class _RunContext:
                     f"creating the lineage on {spec.base_model}",
                 )
 
+        self.tracker.enter(PREPARING)
+        self._seen_progress = True
         with_db_retry(announce, f"job {self.claim.job_id}: preparing")
         return EngineLineage.create(
             path,
@@ -541,7 +727,7 @@ class _RunContext:
                     job.id,
                     "result",
                     "stage result",
-                    data=_json_safe(result.to_dict()),
+                    data=self._clean(_result_data(result, job.lineage_id, stage.position)),
                 )
 
         with_db_retry(record, f"job {self.claim.job_id}: record the result")
@@ -557,6 +743,16 @@ class _Spec:
     general_corpus: Path | None
     base_model: str
     config: dict
+
+
+def _result_data(result: Any, lineage_id: int, position: int) -> dict:
+    """The engine's stage result as users see it: where to download the stage, not where
+    the server keeps it."""
+    data = {k: v for k, v in result.to_dict().items() if k not in ("model_dir", "importance_dir")}
+    stage_url = f"/v1/lineages/{lineage_id}/stages/{position}"
+    data["checkpoint_url"] = f"{stage_url}/checkpoint"
+    data["importance_url"] = f"{stage_url}/importance"
+    return data
 
 
 def _finished_stage_result(lineage: Any, name: str) -> Any:

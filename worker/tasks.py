@@ -1,11 +1,12 @@
-"""The Celery task "run job N", and the sweep when the worker starts."""
+"""The Celery task "run job N", the sweep when the worker starts, and the warm shutdown
+(SIGTERM, Ctrl-C): the running job stops at its next step and goes back to the queue."""
 
 from __future__ import annotations
 
 import logging
 from functools import lru_cache
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from app.db import make_engine, make_session_factory
 from app.settings import get_settings
@@ -43,6 +44,16 @@ def _on_worker_ready(**_: object) -> None:
     thread = PeriodicSweep(runner.settings, runner.factory, runner.enqueue)
     thread.start()
     _periodic.append(thread)
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(**_: object) -> None:
+    """Runs inside Celery's signal handler (SIGTERM or the first Ctrl-C): with the solo
+    pool the task waits in this same thread, so only a flag is set here; the waiting task
+    forwards it to the job's process, which stops at its next step and re-queues the job.
+    Celery then ends the task and exits."""
+    if _runner.cache_info().currsize:  # no job ever ran: nothing to stop
+        _runner().request_stop()
 
 
 @worker_shutdown.connect

@@ -20,7 +20,7 @@ from app.idempotency import IdempotencyScope, idempotency_header, request_hash
 from app.job_watch import JobWatcher, etag_matches, events_etag, job_etag
 from app.lifecycle import request_cancel
 from app.models import JOB_TERMINAL, JobEvent
-from app.presenters import job_out, json_ok
+from app.presenters import event_out, job_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, paginate, parse_after
 from app.ratelimit import write_access
@@ -174,18 +174,7 @@ def list_events(
     return _tagged(
         json_ok(
             Page[JobEventOut](
-                data=[
-                    JobEventOut(
-                        id=e.id,
-                        job_id=e.job_id,
-                        created_at=e.created_at,
-                        level=e.level,
-                        type=e.type,
-                        message=e.message,
-                        data=e.data,
-                    )
-                    for e in rows
-                ],
+                data=[event_out(e, request.app.state.settings) for e in rows],
                 has_more=has_more,
                 next_after=cursor,
             )

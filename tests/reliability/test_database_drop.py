@@ -184,7 +184,10 @@ def test_every_database_step_of_the_worker_is_retried(tmp_path, monkeypatch, cap
     app = create_app(settings, enqueue=recorder, broker_ping=lambda: None)
     engine = make_engine(settings)  # the worker's own engine, with the faults
     faults = DroppedConnections(engine)
-    runner = JobRunner(settings, make_session_factory(engine), recorder, worker_id="flaky")
+    # in this process (isolate=False): the faulty engine and the slow steps live here
+    runner = JobRunner(
+        settings, make_session_factory(engine), recorder, worker_id="flaky", isolate=False
+    )
     with TestClient(app, raise_server_exceptions=False) as client:
         owner = new_owner(app)
         # 8 steps of >= 0.3 s (slow_micro_batch above): several heartbeats, on any machine

@@ -38,7 +38,8 @@ HP = {**TINY_HP, "max_steps": 6, "checkpoint_every": 2}
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):  # noqa: ANN201
-    with in_process_runner(tmp_path_factory.mktemp("failures")) as (
+    # in this process (isolate=False): the faults are monkeypatched into the engine here
+    with in_process_runner(tmp_path_factory.mktemp("failures"), isolate=False) as (
         settings,
         app,
         client,

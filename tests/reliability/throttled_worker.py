@@ -12,7 +12,7 @@ import sys
 import time
 
 
-def main() -> None:
+def throttle() -> None:
     from das_engine import trainer
 
     delay = float(os.environ.get("DAS_TEST_STEP_SECONDS", "0"))
@@ -23,6 +23,10 @@ def main() -> None:
         return real(self, step, micro)
 
     trainer.Trainer._micro_batch = slow_micro_batch
+
+
+def main() -> None:
+    throttle()
     from celery.__main__ import main as celery_main
 
     sys.argv = ["celery", *sys.argv[1:]]
@@ -31,3 +35,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+elif __name__ == "__mp_main__":
+    # each job trains in a child process started with "spawn", which imports the worker's
+    # main module (this one) under this name: the steps are slow there too
+    throttle()

@@ -191,17 +191,21 @@ def assert_problem(response, status: int, code: str | None = None) -> dict:  # n
 
 
 @contextmanager
-def in_process_runner(data: Path, **overrides) -> Iterator[tuple]:
+def in_process_runner(data: Path, *, isolate: bool = True, **overrides) -> Iterator[tuple]:
     """(settings, app, client, runner, recorder): the API on SQLite and the worker's
-    ``JobRunner`` in this process (``runner.run(job_id)`` trains with the real engine); the
-    recorder stands in for the broker."""
+    ``JobRunner`` in this process (``runner.run(job_id)`` trains with the real engine, in a
+    child process as the worker does, or in this process with ``isolate=False``: faults
+    injected by monkeypatching reach the engine only there); the recorder stands in for the
+    broker."""
     from worker.runner import JobRunner
 
     settings = make_settings(data, **{"event_every_steps": 1, **overrides})
     upgrade(settings)
     recorder = EnqueueRecorder()
     app = create_app(settings, enqueue=recorder, broker_ping=lambda: None)
-    runner = JobRunner(settings, app.state.session_factory, recorder, worker_id="test-worker")
+    runner = JobRunner(
+        settings, app.state.session_factory, recorder, worker_id="test-worker", isolate=isolate
+    )
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             yield settings, app, client, runner, recorder

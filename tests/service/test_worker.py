@@ -5,6 +5,7 @@ an expired lease, and the mapping of failures to ``error {code, message, phase}`
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import math
 import tarfile
@@ -212,27 +213,35 @@ def test_cancel_mid_training(env):
         (ValueError("token=hunter2 something broke"), "internal_error"),
     ],
 )
-def test_failures_become_error_codes(env, monkeypatch, exc, code):
-    from das_engine.lineage import Lineage
+def test_failures_become_error_codes(env, exc, code):
+    """The job's child process raises (the fault is injected there, where the job runs):
+    each failure ends in its code, with the phase, and nothing of the exception's text."""
+    from tests.service.child_faults import raise_in_add_domain
+    from worker.runner import JobRunner
 
-    settings, app, client, runner, _ = env
+    settings, app, client, runner, recorder = env
+    failing = JobRunner(
+        settings,
+        app.state.session_factory,
+        recorder,
+        worker_id="test-worker",
+        child_setup=functools.partial(raise_in_add_domain, exc),
+    )
     owner = new_owner(app)
     lineage = create_lineage(client, owner).json()["id"]
     first = add_domain(client, owner, lineage, "news")
     second = add_domain(client, owner, lineage, "law")
-
-    def explode(self, *args, progress=None, **kwargs):  # noqa: ANN001, ANN202
-        from das_engine.trainer import ProgressEvent
-
-        progress(ProgressEvent("training", 1, 4, loss=1.0))
-        raise exc
-
-    monkeypatch.setattr(Lineage, "add_domain", explode)
-    assert runner.run(first) == "failed"
+    assert failing.run(first) == "failed"
     job = client.get(f"/v1/jobs/{first}", headers=owner.headers).json()
     assert job["status"] == "failed"
     assert job["error"]["code"] == code and job["error"]["phase"] == "training"
     assert "hunter2" not in job["error"]["message"]
+    if code == "internal_error":  # the trace is in the server log, under this id
+        correlation_id = job["error"]["correlation_id"]
+        assert len(correlation_id) == 16 and correlation_id in job["error"]["message"]
+    else:
+        assert job["error"]["correlation_id"] is None
+    assert "traceback" not in [e.type for e in _events(app, first)]
     follower = client.get(f"/v1/jobs/{second}", headers=owner.headers).json()
     assert follower["status"] == "cancelled"
     assert follower["error"]["code"] == "previous_stage_not_completed"
@@ -294,6 +303,10 @@ def test_a_lineage_locked_by_a_stale_worker_is_left_to_the_sweep(env, monkeypatc
         raise LineageBusyError(f"{self.path} is being trained by another process")
 
     monkeypatch.setattr(Lineage, "add_domain", busy)
-    assert runner.run(job_id) == "lineage_busy"
+    runner.isolate = False  # the monkeypatch lives in this process
+    try:
+        assert runner.run(job_id) == "lineage_busy"
+    finally:
+        runner.isolate = True
     job = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
     assert job["status"] == "running" and job["error"] is None  # its lease will expire
