@@ -129,6 +129,8 @@ def measure_corpus(
     chunks and ``sample_chars`` characters were seen, or the corpus ends. With ``split``
     (the lineage's seed and eval_fraction), a corpus of fewer chunks still counts as
     ``need`` = 2 when the engine's document-level split gives both sides a chunk."""
+    import numpy as np
+
     from das_engine.data import Chunker, iter_documents
 
     chunker = Chunker(tokenizer, block_size, objective)
@@ -137,18 +139,27 @@ def measure_corpus(
     with lock:
         for doc in iter_documents(path):
             characters += len(doc)
-            full += sum(1 for _ in chunker.feed(doc))
+            full += _feed(chunker, tokenizer, doc)
             if full >= need and characters >= sample_chars:
                 complete = False
                 break
-        full += sum(1 for _ in chunker._flush())  # noqa: SLF001 - the full chunks only
-        tokens = full * chunker.body + len(chunker.buffer)
+        block = chunker.take()  # the full chunks only
+        full += len(block) if block is not None else 0
+        rest = np.concatenate([chunker.carry, *chunker.pending])
+        tokens = full * chunker.body + len(rest)
         # the engine's last, partial chunk: what is left unless it is only separators
-        chunks = full + int(complete and any(t != chunker.sep for t in chunker.buffer))
+        chunks = full + int(complete and bool((rest != chunker.sep).any()))
         if chunks < need == 2 and split is not None:  # a tiny corpus: read it again
             if _both_splits_fill(path, tokenizer, block_size, objective, *split):
                 chunks = need
     return CorpusMeasure(chunks, tokens, characters, complete, chunker.body)
+
+
+def _feed(chunker: Any, tokenizer: Any, doc: str) -> int:
+    """One document into the engine's chunker; how many full chunks it completed."""
+    chunker.add(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    block = chunker.take()
+    return len(block) if block is not None else 0
 
 
 def _both_splits_fill(
@@ -162,9 +173,9 @@ def _both_splits_fill(
     filled = dict.fromkeys(sides, 0)
     for i, doc in enumerate(iter_documents(path)):
         side = "eval" if _held_out(seed, i, fraction) else "train"
-        filled[side] += sum(1 for _ in sides[side].feed(doc))
+        filled[side] += _feed(sides[side], tokenizer, doc)
     for side, chunker in sides.items():
-        filled[side] += sum(1 for _ in chunker.finish())
+        filled[side] += sum(len(block) for block in chunker.finish())
     return all(filled.values())
 
 
