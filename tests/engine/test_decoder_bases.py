@@ -66,8 +66,16 @@ def test_decoder_chunks_join_documents_with_eos_only():
     dec = bundled_tokenizer(decoder=True)
     chunker = Chunker(dec, 64, "clm")
     docs = ["the licence is granted", "bake the cake", "season the soup"]
-    rows = [r for d in docs for r in chunker.feed(d)] + list(chunker.finish())
-    ids = [t for r in rows for t, m in zip(r["input_ids"], r["attention_mask"], strict=True) if m]
+    for d in docs:
+        chunker.add(dec(d, add_special_tokens=False)["input_ids"])
+    blocks = [b for b in [chunker.take()] if b is not None] + list(chunker.finish())
+    ids = [
+        t
+        for b in blocks
+        for row, mask in zip(b.input_ids.tolist(), b.attention_mask.tolist(), strict=True)
+        for t, m in zip(row, mask, strict=True)
+        if m
+    ]
     assert ids.count(dec.eos_token_id) >= len(docs) - 1  # EOS between documents
     assert dec.bos_token_id not in ids  # no <s> ... </s> wrapping per document or chunk
 

@@ -92,7 +92,7 @@ def _fraction_changed(after: dict, before: dict, mults: dict | None = None) -> d
         if k.endswith(".weight") and any(n in k for n in MASKED):
             moved = after[k].float() != before[k].float()
             if mults is not None:
-                moved = moved[mults[k] >= 1e-3]
+                moved = moved[mults[k].expand_as(moved) >= 1e-3]  # vectors broadcast
             out[k] = float(moved.float().mean())
     return out
 
