@@ -37,7 +37,7 @@ WORKDIR /srv/das
 COPY . .
 # the pinned versions of everything else; torch==X in constraints.txt is met by X+cpu
 RUN pip install -c constraints.txt -e . \
- && python -c "import app.main, app.cli, worker.runner, das_engine.lineage"
+ && python -c "import app.main, app.cli, service_core.models, worker.runner, das_engine.lineage"
 USER das
 VOLUME ["/data"]
 
@@ -80,7 +80,7 @@ RUN pip install --index-url "${TORCH_CUDA_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /srv/das
 COPY . .
 RUN pip install -c constraints.txt -e . \
- && python -c "import app.main, app.cli, worker.runner, das_engine.lineage"
+ && python -c "import app.main, app.cli, service_core.models, worker.runner, das_engine.lineage"
 USER das
 VOLUME ["/data"]
 # one worker per GPU: docker run --gpus '"device=0"' ... (the engine trains on cuda:0)

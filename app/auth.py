@@ -12,9 +12,9 @@ from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey
 from app.problems import Problem
 from app.storable import text_problem
+from service_core.models import ApiKey
 
 KEY_PREFIX = "das_"
 _LOOKUP_CHARS = 12  # the first characters of a key, stored in clear to find its row

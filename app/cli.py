@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.settings import Settings, get_settings
+from service_core.settings import Settings, get_settings
 
 KEEP_ALIVE_S = 75
 
 
 def _session_factory(settings: Settings):  # noqa: ANN202
-    from app.db import make_engine, make_session_factory
+    from service_core.db import make_engine, make_session_factory
 
     return make_session_factory(make_engine(settings))
 
@@ -90,7 +90,7 @@ def cmd_worker(_: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sweep(_: argparse.Namespace, settings: Settings) -> int:
-    from worker.sweep import sweep
+    from service_core.sweep import sweep
 
     sent = sweep(settings, stale_before=None)
     print(f"sent {len(sent)} job(s) to the broker: {sent}")
@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from app.main import create_app
     from app.migrate import upgrade
-    from worker.isolation import set_parent_death_signal
+    from service_core.processes import set_parent_death_signal
 
     upgrade(settings)
     key = local_api_key(settings)

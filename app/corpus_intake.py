@@ -12,11 +12,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.idempotency import IdempotencyScope, request_hash
-from app.models import Corpus
 from app.problems import Problem
-from app.settings import Settings
-from app.storage import stored_path
 from app.uploads import MultipartResult, StoredFile, check_gzip, detect_format, receive_multipart
+from service_core.models import Corpus
+from service_core.settings import Settings
+from service_core.storage import stored_path
 
 
 def validate_upload(settings: Settings, stored: StoredFile) -> tuple[str, bool, dict[str, Any]]:

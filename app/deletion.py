@@ -17,8 +17,9 @@ from __future__ import annotations
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from app.lifecycle import add_event, finish_job, request_cancel
-from app.models import (
+from app.problems import Problem
+from service_core.lifecycle import add_event, finish_job, request_cancel
+from service_core.models import (
     JOB_CANCELLED,
     JOB_QUEUED,
     JOB_RUNNING,
@@ -31,10 +32,9 @@ from app.models import (
     Stage,
     utcnow,
 )
-from app.problems import Problem
-from app.purge import TRAINING
-from app.settings import Settings
-from app.storage import remove_upload
+from service_core.purge import TRAINING
+from service_core.settings import Settings
+from service_core.storage import remove_upload
 
 
 def _locked_jobs(session: Session, *conditions) -> list[Job]:  # noqa: ANN002

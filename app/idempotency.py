@@ -21,8 +21,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import IdempotencyRecord, utcnow
 from app.problems import Problem
+from service_core.models import IdempotencyRecord, utcnow
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255

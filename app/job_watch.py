@@ -21,7 +21,7 @@ import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import JOB_TERMINAL, Job, JobEvent, Lineage, Stage
+from service_core.models import JOB_TERMINAL, Job, JobEvent, Lineage, Stage
 
 RING = 500  # events kept per watch for streams that join late
 PAGE = 500  # events read per query when a stream catches up from the database

@@ -12,12 +12,12 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.conditional_reads import ConditionalJobReads, KeyCache
-from app.db import make_engine, make_read_session_factory, make_session_factory
 from app.job_watch import JobWatcher
 from app.problems import PROBLEM_JSON, install_problem_handlers, problem_response
 from app.ratelimit import make_rate_limiter
 from app.routes import artifacts, corpora, deletes, fork, health, job_details, jobs, keys, lineages
-from app.settings import Settings, get_settings
+from service_core.db import make_engine, make_read_session_factory, make_session_factory
+from service_core.settings import Settings, get_settings
 
 UPLOAD_PATHS = re.compile(r"^/v1/(corpora|lineages/[^/]+/domains)/?$")
 
@@ -174,7 +174,7 @@ def create_app(
     )
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     if enqueue is None or broker_ping is None:
-        from worker.queue import Dispatcher
+        from service_core.queue import Dispatcher
 
         dispatcher = Dispatcher(settings)
         enqueue = enqueue or dispatcher

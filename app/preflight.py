@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.problems import Problem
-from app.settings import Settings
+from service_core.settings import Settings
 
 SAMPLE_CHARS = 64_000
 # position ids of these families start after the padding index (RoBERTa's convention)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from app.models import JOB_SUCCEEDED, Corpus, Job, JobEvent, Lineage, Stage
-from app.redaction import scrub_data, scrub_text
 from app.schemas import CorpusOut, JobError, JobEventOut, JobOut, LineageOut, StageOut
-from app.settings import Settings
+from service_core.models import JOB_SUCCEEDED, Corpus, Job, JobEvent, Lineage, Stage
+from service_core.redaction import scrub_data, scrub_text
+from service_core.settings import Settings
 
 
 def corpus_out(corpus: Corpus) -> CorpusOut:

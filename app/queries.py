@@ -8,8 +8,8 @@ from typing import TypeVar
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from app.models import Base, Corpus, Job, Lineage, Stage
 from app.problems import Problem
+from service_core.models import Base, Corpus, Job, Lineage, Stage
 
 RowT = TypeVar("RowT", bound=Base)
 

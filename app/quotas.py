@@ -16,9 +16,9 @@ from __future__ import annotations
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.models import JOB_TERMINAL, Corpus, Job
 from app.problems import Problem
-from app.settings import Settings
+from service_core.models import JOB_TERMINAL, Corpus, Job
+from service_core.settings import Settings
 
 
 def lock_owner(session: Session, owner: str) -> None:

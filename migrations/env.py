@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from app.models import Base
-from app.settings import Settings
+from service_core.models import Base
+from service_core.settings import Settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")

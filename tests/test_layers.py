@@ -31,6 +31,7 @@ def test_the_contracts_catch_an_engine_that_imports_the_service(tmp_path: Path) 
     (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
     for package, body in (
         ("das_engine", "import sqlalchemy\n"),
+        ("service_core", ""),
         ("app", ""),
         ("worker", "import app.routes\n"),
     ):

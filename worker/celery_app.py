@@ -5,7 +5,7 @@ claimed or finished job does nothing)."""
 
 from __future__ import annotations
 
-from app.settings import get_settings
-from worker.queue import make_celery
+from service_core.queue import make_celery
+from service_core.settings import get_settings
 
 app = make_celery(get_settings())

@@ -17,7 +17,6 @@ monkey-patched modules, leaked memory) reaches the next one.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -29,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("das.worker")
+from service_core.processes import set_parent_death_signal
 
-PR_SET_PDEATHSIG = 1
+log = logging.getLogger("das.worker")
 
 
 @dataclass
@@ -54,18 +53,6 @@ class ChildOutcome:
             hint = " (the kernel's out-of-memory killer sends this)" if -code == 9 else ""
             return f"killed by {name}{hint}"
         return f"exited with status {code}"
-
-
-def set_parent_death_signal(sig: int) -> bool:
-    """Ask the kernel to send ``sig`` to this process when its parent (the thread that
-    started it) dies; it survives ``execve``. Linux only: False elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):  # pragma: no cover - no prctl: the watcher remains
-        return False
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -100,7 +87,7 @@ def _child_main(
     )
     if setup is not None:  # tests inject faults here (a function importable by name)
         setup()
-    from app.db import make_engine, make_session_factory
+    from service_core.db import make_engine, make_session_factory
     from worker.runner import RunContext
 
     engine = make_engine(settings)

@@ -40,8 +40,14 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.lifecycle import add_event, finish_job, is_runnable, mark_enqueued, next_runnable_job
-from app.models import (
+from service_core.lifecycle import (
+    add_event,
+    finish_job,
+    is_runnable,
+    mark_enqueued,
+    next_runnable_job,
+)
+from service_core.models import (
     JOB_CANCELLED,
     JOB_CANCELLING,
     JOB_FAILED,
@@ -58,9 +64,9 @@ from app.models import (
     Stage,
     utcnow,
 )
-from app.redaction import scrub_data, scrub_text
-from app.settings import Settings
-from app.storage import resolve_stored, stored_path
+from service_core.redaction import scrub_data, scrub_text
+from service_core.settings import Settings
+from service_core.storage import resolve_stored, stored_path
 from worker.progress import PREPARING, TRAINING, ProgressTracker
 
 log = logging.getLogger("das.worker")
@@ -306,7 +312,7 @@ class JobRunner:
     def _purge_if_deleted(self, lineage_id: int) -> None:
         """Lifecycle hook (app/purge.py): a lineage deleted with ``force`` while this job
         trained loses its folder now that the job has stopped (no-op otherwise)."""
-        from app.purge import purge_lineage
+        from service_core.purge import purge_lineage
 
         try:
             purge_lineage(self.settings, self.factory, lineage_id)

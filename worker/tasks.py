@@ -8,12 +8,12 @@ from functools import lru_cache
 
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from app.db import make_engine, make_session_factory
-from app.settings import get_settings
+from service_core.db import make_engine, make_session_factory
+from service_core.queue import RUN_JOB, Dispatcher
+from service_core.settings import get_settings
+from service_core.sweep import PeriodicSweep, sweep
 from worker.celery_app import app
-from worker.queue import RUN_JOB, Dispatcher
 from worker.runner import JobRunner
-from worker.sweep import PeriodicSweep, sweep
 
 log = logging.getLogger("das.worker")
 

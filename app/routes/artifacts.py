@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 
 from app.archives import TarPlan, parse_range
 from app.auth import Principal, authenticate, get_session
-from app.models import JOB_SUCCEEDED, Checkpoint, ImportanceSnapshot, Stage
 from app.problems import Problem
 from app.queries import owned_stage
-from app.storage import resolve_stored
+from service_core.models import JOB_SUCCEEDED, Checkpoint, ImportanceSnapshot, Stage
+from service_core.storage import resolve_stored
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
 

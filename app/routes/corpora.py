@@ -12,7 +12,6 @@ from app import quotas
 from app.auth import Principal, authenticate, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.idempotency import HEADER, idempotency_header
-from app.models import Corpus
 from app.presenters import corpus_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, paginate
@@ -20,6 +19,7 @@ from app.ratelimit import write_access
 from app.schemas import CorpusOut, Page
 from app.storable import encode_json
 from app.uploads import MultipartResult
+from service_core.models import Corpus
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
 

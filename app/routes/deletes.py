@@ -7,11 +7,11 @@ from sqlalchemy import select
 
 from app.auth import Principal
 from app.deletion import delete_corpus, delete_lineage
-from app.models import Job
-from app.purge import purge_lineage
 from app.queries import owned_corpus, owned_lineage
 from app.ratelimit import write_access
 from app.schemas_lifecycle import problem_responses
+from service_core.models import Job
+from service_core.purge import purge_lineage
 
 router = APIRouter(tags=["lifecycle"])
 

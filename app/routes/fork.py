@@ -22,8 +22,14 @@ from sqlalchemy.orm import Session
 
 from app.auth import Principal
 from app.idempotency import IdempotencyScope, request_hash
-from app.lifecycle import add_event
-from app.models import (
+from app.presenters import lineage_out
+from app.problems import Problem
+from app.queries import owned_lineage
+from app.ratelimit import write_access
+from app.schemas import LineageOut
+from app.schemas_lifecycle import ForkCreate, problem_responses
+from service_core.lifecycle import add_event
+from service_core.models import (
     JOB_SUCCEEDED,
     Checkpoint,
     EvalScore,
@@ -33,14 +39,8 @@ from app.models import (
     Lineage,
     Stage,
 )
-from app.presenters import lineage_out
-from app.problems import Problem
-from app.queries import owned_lineage
-from app.ratelimit import write_access
-from app.schemas import LineageOut
-from app.schemas_lifecycle import ForkCreate, problem_responses
-from app.settings import Settings
-from app.storage import lineage_dir, resolve_stored, stored_path
+from service_core.settings import Settings
+from service_core.storage import lineage_dir, resolve_stored, stored_path
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
 

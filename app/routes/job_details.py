@@ -12,7 +12,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, get_session
-from app.models import (
+from app.presenters import job_out, json_ok
+from app.problems import Problem
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, owned_lineage, parse_after
+from app.schemas import JobOut, Page
+from app.schemas_lifecycle import CheckpointList, CheckpointOut, JobMetricsOut, StepMetric
+from service_core.models import (
     JOB_STATUSES,
     JOB_SUCCEEDED,
     Checkpoint,
@@ -22,13 +27,8 @@ from app.models import (
     Lineage,
     Stage,
 )
-from app.presenters import job_out, json_ok
-from app.problems import Problem
-from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, owned_lineage, parse_after
-from app.schemas import JobOut, Page
-from app.schemas_lifecycle import CheckpointList, CheckpointOut, JobMetricsOut, StepMetric
-from app.settings import Settings
-from app.storage import lineage_dir, resolve_stored
+from service_core.settings import Settings
+from service_core.storage import lineage_dir, resolve_stored
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

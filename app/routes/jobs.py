@@ -18,13 +18,13 @@ from sqlalchemy.orm import Session
 from app.auth import Principal, authenticate, get_session
 from app.idempotency import IdempotencyScope, idempotency_header, request_hash
 from app.job_watch import JobWatcher, etag_matches, events_etag, job_etag
-from app.lifecycle import request_cancel
-from app.models import JOB_TERMINAL, JobEvent
 from app.presenters import event_out, job_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, paginate, parse_after
 from app.ratelimit import write_access
 from app.schemas import JobEventOut, JobOut, Page
+from service_core.lifecycle import request_cancel
+from service_core.models import JOB_TERMINAL, JobEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

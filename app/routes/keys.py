@@ -10,13 +10,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, create_api_key, get_session, hash_key
-from app.models import ApiKey, utcnow
 from app.presenters import json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned, paginate
 from app.ratelimit import write_access
 from app.schemas import Page
 from app.schemas_lifecycle import ApiKeyCreated, ApiKeyOut, problem_responses
+from service_core.models import ApiKey, utcnow
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
 

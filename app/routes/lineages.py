@@ -21,16 +21,6 @@ from app.auth import Principal, authenticate, get_session
 from app.base_files import model_files_problem
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.idempotency import HEADER, IdempotencyScope, idempotency_header, request_hash
-from app.lifecycle import add_event, is_runnable, mark_enqueued
-from app.models import (
-    JOB_QUEUED,
-    JOB_SUCCEEDED,
-    Corpus,
-    EvalScore,
-    Job,
-    Lineage,
-    Stage,
-)
 from app.presenters import job_out, json_ok, lineage_out, stage_out
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, owned_lineage, paginate
@@ -44,10 +34,20 @@ from app.schemas import (
     MetricsOut,
     Page,
 )
-from app.settings import Settings
 from app.storable import encode_json, json_problems
-from app.storage import resolve_stored
 from app.uploads import MultipartResult
+from service_core.lifecycle import add_event, is_runnable, mark_enqueued
+from service_core.models import (
+    JOB_QUEUED,
+    JOB_SUCCEEDED,
+    Corpus,
+    EvalScore,
+    Job,
+    Lineage,
+    Stage,
+)
+from service_core.settings import Settings
+from service_core.storage import resolve_stored
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
 AFTER = Query(

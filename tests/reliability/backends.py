@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from app.main import create_app
 from app.migrate import upgrade
-from app.models import ApiKey, Corpus, Job, Lineage, Stage
+from service_core.models import ApiKey, Corpus, Job, Lineage, Stage
 from tests.service.conftest import EnqueueRecorder, Owner, make_settings
 
 BACKENDS = ["sqlite", "postgres"]

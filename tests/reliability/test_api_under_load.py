@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from app.cli import KEEP_ALIVE_S
-from app.lifecycle import add_event
+from service_core.lifecycle import add_event
 from tests.service.conftest import add_domain, create_lineage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

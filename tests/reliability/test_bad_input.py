@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.main import create_app
-from app.models import Corpus, IdempotencyRecord, Lineage, Stage
+from service_core.models import Corpus, IdempotencyRecord, Lineage, Stage
 from tests.reliability.backends import BACKENDS, api_on, reads_answer_200, stored_rows
 from tests.service.conftest import (
     TINY_HP,

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app.main import create_app
 from app.migrate import upgrade
-from app.models import Checkpoint, EvalScore, Job
+from service_core.models import Checkpoint, EvalScore, Job
 from tests.reliability.helpers import TERMINAL, events, job, new_lineage
 from tests.service.conftest import (
     PG_DSN,
@@ -161,7 +161,7 @@ def test_every_database_step_of_the_worker_is_retried(tmp_path, monkeypatch, cap
     result and the sending of the next stage all meet failing statements; the job still
     succeeds once, and the next stage is sent."""
     import worker.runner
-    from app.db import make_engine, make_session_factory
+    from service_core.db import make_engine, make_session_factory
     from tests.service.conftest import EnqueueRecorder, make_settings
     from worker.runner import JobRunner
 

@@ -276,7 +276,7 @@ def test_owner_names_of_create_api_key_are_stored_or_refused_cleanly(odd_backend
     """``das-service create-api-key --owner``: a name is stored as given (stripped) or refused
     with a ValueError (the CLI's exit status 2 and message); never a database error."""
     from app.auth import create_api_key
-    from app.models import ApiKey
+    from service_core.models import ApiKey
 
     app = odd_backend[0]
     with app.state.session_factory() as session:

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from app.auth import create_api_key
 from app.main import create_app
 from app.migrate import upgrade
-from app.settings import Settings
+from service_core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"

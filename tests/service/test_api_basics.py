@@ -65,7 +65,7 @@ def test_a_wrong_key_is_401(client, header):
 def test_a_key_is_stored_hashed(api, alice):
     from sqlalchemy import select
 
-    from app.models import ApiKey
+    from service_core.models import ApiKey
 
     with api.state.session_factory() as session:
         rows = session.scalars(select(ApiKey).where(ApiKey.owner == alice.name)).all()
@@ -77,7 +77,7 @@ def test_a_key_is_stored_hashed(api, alice):
 def test_revoked_key_is_refused(api, client):
     from sqlalchemy import update
 
-    from app.models import ApiKey, utcnow
+    from service_core.models import ApiKey, utcnow
 
     carol = new_owner(api)
     assert client.get("/v1/lineages", headers=carol.headers).status_code == 200

@@ -127,7 +127,7 @@ def test_odd_and_traversal_filenames_are_stored_safely(client, alice, settings, 
     assert all(ch.isprintable() for ch in body["filename"])
     from sqlalchemy import select
 
-    from app.models import Corpus
+    from service_core.models import Corpus
 
     with client.app.state.session_factory() as session:
         corpus = session.scalar(select(Corpus).where(Corpus.id == body["id"]))

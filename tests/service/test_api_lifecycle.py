@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from app.models import Corpus, Job, JobEvent, Lineage, utcnow
-from app.purge import purge_deleted_lineages
-from app.storage import lineage_dir, remove_lineage_tree, resolve_stored
+from service_core.models import Corpus, Job, JobEvent, Lineage, utcnow
+from service_core.purge import purge_deleted_lineages
+from service_core.storage import lineage_dir, remove_lineage_tree, resolve_stored
 from tests.service.conftest import (
     assert_problem,
     corpus_text,

@@ -279,7 +279,7 @@ def test_job_status_and_events(client, alice, bob, lineage, news):
 
 
 def test_events_are_paginated(api, client, alice, lineage, news):
-    from app.lifecycle import add_event
+    from service_core.lifecycle import add_event
 
     job = add_domain(client, alice, lineage["id"], news, "news").json()["job"]
     with api.state.session_factory() as session, session.begin():
@@ -312,7 +312,7 @@ def test_cancel_a_queued_job_cancels_the_stages_behind_it(client, alice, lineage
 
 
 def test_cancel_a_running_job_asks_the_worker(api, client, alice, lineage, news):
-    from app.models import Job
+    from service_core.models import Job
 
     job = add_domain(client, alice, lineage["id"], news, "news").json()["job"]
     with api.state.session_factory() as session, session.begin():

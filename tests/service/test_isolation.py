@@ -14,7 +14,7 @@ import sys
 import pytest
 from sqlalchemy import select
 
-from app.models import Job
+from service_core.models import Job
 from tests.service.conftest import (
     TINY_HP,
     add_domain,
@@ -130,7 +130,7 @@ def test_a_failed_job_shows_a_correlation_id_not_a_traceback(env, capfd):
 def test_older_rows_with_server_details_are_scrubbed_when_shown(env):
     """Rows written before this version (a traceback event, a worker id, absolute paths)
     are shown without them."""
-    from app.lifecycle import add_event
+    from service_core.lifecycle import add_event
 
     settings, app, client, _, _ = env
     owner = new_owner(app)

@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlalchemy import event, update
 
-from app.models import JOB_RUNNING, JOB_SUCCEEDED, Job, JobEvent
+from service_core.models import JOB_RUNNING, JOB_SUCCEEDED, Job, JobEvent
 from tests.service.conftest import add_domain, assert_problem, create_lineage
 
 

@@ -8,8 +8,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from app.models import Base, Job
-from app.storage import lineage_dir
+from service_core.models import Base, Job
+from service_core.storage import lineage_dir
 from tests.service.conftest import (
     add_domain,
     assert_problem,

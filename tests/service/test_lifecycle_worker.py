@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from app.models import Lineage
-from app.storage import lineage_dir
+from service_core.models import Lineage
+from service_core.storage import lineage_dir
 from tests.service.conftest import (
     add_domain,
     assert_problem,

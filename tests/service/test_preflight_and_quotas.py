@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from app.main import create_app
 from app.migrate import upgrade
-from app.models import Corpus, Job
+from service_core.models import Corpus, Job
 from tests.service.conftest import (
     TINY_HP,
     EnqueueRecorder,

@@ -9,10 +9,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 
-from app.db import make_engine
 from app.main import create_app
 from app.migrate import upgrade
-from app.models import Base
+from service_core.db import make_engine
+from service_core.models import Base
 from tests.service.conftest import REPO, make_settings, service_env
 
 

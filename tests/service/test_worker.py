@@ -16,7 +16,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app.models import Job, JobEvent, utcnow
+from service_core.models import Job, JobEvent, utcnow
 from tests.service.conftest import (
     EnqueueRecorder,
     add_domain,
@@ -253,7 +253,7 @@ def test_engine_errors_keep_their_code(env):
     lineage = create_lineage(client, owner).json()["id"]
     job_id = add_domain(client, owner, lineage, "news")
     stage = client.get(f"/v1/lineages/{lineage}", headers=owner.headers).json()["stages"][0]
-    from app.models import Corpus
+    from service_core.models import Corpus
 
     with app.state.session_factory() as session:
         path = settings.data_dir / session.get(Corpus, stage["corpus_id"]).storage_path
@@ -265,8 +265,8 @@ def test_engine_errors_keep_their_code(env):
 
 
 def test_sweep_finds_lost_messages_and_dead_workers(env):
-    from app.lifecycle import jobs_to_enqueue
-    from worker.sweep import sweep
+    from service_core.lifecycle import jobs_to_enqueue
+    from service_core.sweep import sweep
 
     settings, app, client, runner, _ = env
     owner = new_owner(app)

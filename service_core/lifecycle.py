@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.models import (
+from service_core.models import (
     JOB_CANCELLED,
     JOB_CANCELLING,
     JOB_FAILED,

@@ -14,10 +14,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import make_engine, make_session_factory
-from app.lifecycle import jobs_to_enqueue, mark_enqueued
-from app.models import utcnow
-from app.settings import Settings
+from service_core.db import make_engine, make_session_factory
+from service_core.lifecycle import jobs_to_enqueue, mark_enqueued
+from service_core.models import utcnow
+from service_core.settings import Settings
 
 log = logging.getLogger("das.sweep")
 
@@ -29,11 +29,11 @@ def sweep(
     factory: sessionmaker[Session] | None = None,
     enqueue: Callable[[Iterable[int]], list[int]] | None = None,
 ) -> list[int]:
-    """Send the jobs found by :func:`app.lifecycle.jobs_to_enqueue`; returns the ids sent."""
+    """Send the jobs found by :func:`service_core.lifecycle.jobs_to_enqueue`; returns their ids."""
     if factory is None:
         factory = make_session_factory(make_engine(settings))
     if enqueue is None:
-        from worker.queue import Dispatcher
+        from service_core.queue import Dispatcher
 
         enqueue = Dispatcher(settings)
     _purge_deleted(settings, factory)
@@ -51,7 +51,7 @@ def sweep(
 def _purge_deleted(settings: Settings, factory: sessionmaker[Session]) -> None:
     """Lifecycle hook (app/purge.py): remove the folders of deleted lineages whose last
     job has stopped (a worker that died while cancelling one leaves them to the sweep)."""
-    from app.purge import purge_deleted_lineages
+    from service_core.purge import purge_deleted_lineages
 
     try:
         purge_deleted_lineages(settings, factory)

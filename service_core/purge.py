@@ -9,9 +9,9 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import JOB_CANCELLING, JOB_RUNNING, Job, Lineage, utcnow
-from app.settings import Settings
-from app.storage import lineage_dir, remove_lineage_tree
+from service_core.models import JOB_CANCELLING, JOB_RUNNING, Job, Lineage, utcnow
+from service_core.settings import Settings
+from service_core.storage import lineage_dir, remove_lineage_tree
 
 log = logging.getLogger("das.purge")
 

@@ -8,7 +8,7 @@ import fcntl
 import shutil
 from pathlib import Path
 
-from app.settings import Settings
+from service_core.settings import Settings
 
 
 def stored_path(settings: Settings, path: Path) -> str:

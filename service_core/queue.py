@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from celery import Celery
 
-from app.settings import Settings
+from service_core.settings import Settings
 
 log = logging.getLogger("das.queue")
 

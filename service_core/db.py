@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.settings import Settings
+from service_core.settings import Settings
 
 READ_ONLY = "das_read_only"  # execution option of the read-only sessions
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from app.settings import Settings
+from service_core.settings import Settings
 
 # event data keys that only ever held server details (older versions wrote them)
 PRIVATE_KEYS = frozenset({"worker", "worker_id", "host", "hostname", "pid", "traceback"})
