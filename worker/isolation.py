@@ -88,7 +88,7 @@ def _child_main(
     if setup is not None:  # tests inject faults here (a function importable by name)
         setup()
     from service_core.db import make_engine, make_session_factory
-    from worker.runner import RunContext
+    from worker.run_context import RunContext
 
     engine = make_engine(settings)
     try:

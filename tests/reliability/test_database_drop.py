@@ -160,12 +160,12 @@ def test_every_database_step_of_the_worker_is_retried(tmp_path, monkeypatch, cap
     """The claim, the loading of the job, the progress and event writes, the heartbeat, the
     result and the sending of the next stage all meet failing statements; the job still
     succeeds once, and the next stage is sent."""
-    import worker.runner
+    import worker.claims
     from service_core.db import make_engine, make_session_factory
     from tests.service.conftest import EnqueueRecorder, make_settings
     from worker.runner import JobRunner
 
-    monkeypatch.setattr(worker.runner, "DB_BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(worker.claims, "DB_BACKOFF_SECONDS", 0.01)
     # training steps of at least 0.3 s: the heartbeat (every 0.5 s) beats during the run
     from das_engine import trainer
 
