@@ -29,10 +29,12 @@ from app.schemas import (
     DOMAIN_NAME_PATTERN,
     DomainAccepted,
     DomainCreate,
+    EndTaskAttach,
     LineageCreate,
     LineageOut,
     MetricsOut,
     Page,
+    StageOut,
 )
 from app.storable import encode_json, json_problems
 from app.uploads import MultipartResult
@@ -41,6 +43,7 @@ from service_core.models import (
     JOB_QUEUED,
     JOB_SUCCEEDED,
     Corpus,
+    EndTaskScore,
     EvalScore,
     Job,
     Lineage,
@@ -327,6 +330,11 @@ DOMAIN_BODY = {
                             "description": "one of your corpora to evaluate on instead of a "
                             "held-out split",
                         },
+                        "end_task_corpus_id": {
+                            "type": "integer",
+                            "description": "one of your labelled sets (purpose `end_task`) "
+                            "to probe this and every later stage on",
+                        },
                     },
                 }
             },
@@ -382,6 +390,19 @@ def preflight_domain(
         quotas.check_job_tokens(settings, tokens)
 
 
+def owned_labelled_set(session: Session, corpus_id: int, owner: str, field: str) -> Corpus:
+    """One of the owner's corpora of purpose ``end_task`` (404 if foreign, 422 if not one)."""
+    corpus = owned_corpus(session, corpus_id, owner)
+    if corpus.purpose != "end_task":
+        raise Problem(
+            422,
+            "not_a_labelled_set",
+            f"{field}: corpus {corpus_id} is not a labelled set (upload it with purpose=end_task)",
+            errors=[{"field": field, "message": "not a labelled set"}],
+        )
+    return corpus
+
+
 def add_domain(
     session: Session,
     owner: str,
@@ -391,6 +412,7 @@ def add_domain(
     eval_corpus_id: int | None,
     *,
     settings: Settings | None = None,
+    end_task_corpus_id: int | None = None,
 ) -> tuple[Stage, Job]:
     """Create the next stage and its queued job (the caller commits, then enqueues). With
     ``settings``, the owner's quota of unfinished jobs applies (counted under the owner's
@@ -398,6 +420,8 @@ def add_domain(
     lineage = owned_lineage(session, lineage_id, owner)
     if eval_corpus_id is not None:
         owned_corpus(session, eval_corpus_id, owner)
+    if end_task_corpus_id is not None:
+        owned_labelled_set(session, end_task_corpus_id, owner, "end_task_corpus_id")
     if corpus.status != "ready":
         raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
     _check_domain_name_free(session, lineage, name)
@@ -414,6 +438,7 @@ def add_domain(
         active_name=name,
         corpus_id=corpus.id,
         eval_corpus_id=eval_corpus_id,
+        end_task_corpus_id=end_task_corpus_id,
     )
     session.add(stage)
     session.flush()
@@ -538,6 +563,7 @@ async def post_domain(
                     body.name,
                     body.eval_corpus_id,
                     settings=settings,
+                    end_task_corpus_id=body.end_task_corpus_id,
                 )
                 _check_answer(stage, job)
                 _commit_domain(session)
@@ -579,6 +605,7 @@ async def post_domain(
                 body.name,
                 body.eval_corpus_id,
                 settings=settings,
+                end_task_corpus_id=body.end_task_corpus_id,
             )
             _check_answer(stage, job)
             _commit_domain(session)
@@ -602,10 +629,11 @@ async def _small_body(request: Request, limit: int) -> bytes:
 
 
 def _domain_fields(fields: dict[str, str]) -> DomainCreate:
-    extra = set(fields) - {"name", "eval_corpus_id"}
+    extra = set(fields) - {"name", "eval_corpus_id", "end_task_corpus_id"}
     data: dict[str, Any] = {"corpus_id": 0, "name": fields.get("name")}
-    if fields.get("eval_corpus_id"):
-        data["eval_corpus_id"] = fields["eval_corpus_id"]
+    for key in ("eval_corpus_id", "end_task_corpus_id"):
+        if fields.get(key):
+            data[key] = fields[key]
     try:
         if extra:
             raise Problem(
@@ -656,7 +684,45 @@ def build_metrics(session: Session, lineage: Lineage) -> dict[str, Any]:
     summary = summarize(
         domains, matrix, base if any(v is not None for v in base) else None, general or None
     )
+    summary["end_task"] = end_task_block(session, lineage, stages)
     return _without_non_finite(summary)
+
+
+def end_task_block(session: Session, lineage: Lineage, stages: list[Stage]) -> dict | None:
+    """Accuracy and macro-F1 matrices from ``EndTaskScore`` rows (rows: the base, then each
+    trained stage; columns: the domains with a labelled set), with FR/BWT/FWT computed as
+    ``das_engine.end_task`` does (on the negated scores)."""
+    from das_engine.end_task import summarize_scores
+
+    scores = session.scalars(
+        select(EndTaskScore).where(EndTaskScore.lineage_id == lineage.id)
+    ).all()
+    if not scores:
+        return None
+    probed = {s.task_stage_id for s in scores}
+    tasks = [st for st in stages if st.id in probed]
+    cell = {(s.stage_id, s.task_stage_id): s for s in scores}
+    rows: list[int | None] = [None, *[st.id for st in stages]]
+
+    def matrix(attr: str) -> list[list[float | None]]:
+        return [
+            [_finite(getattr(cell[(r, t.id)], attr)) if (r, t.id) in cell else None for t in tasks]
+            for r in rows
+        ]
+
+    domains, names = [st.name for st in stages], [t.name for t in tasks]
+    acc, f1 = matrix("accuracy"), matrix("macro_f1")
+    return {
+        "rows": ["base", *domains],
+        "tasks": names,
+        "mode": scores[0].mode,
+        "accuracy": acc,
+        "macro_f1": f1,
+        "summary": {
+            "accuracy": summarize_scores(domains, names, acc[0], acc[1:]),
+            "macro_f1": summarize_scores(domains, names, f1[0], f1[1:]),
+        },
+    }
 
 
 def _without_non_finite(value: Any) -> Any:
@@ -678,6 +744,34 @@ def get_metrics(
 ) -> JSONResponse:
     """The lineage's evaluation matrix (loss and perplexity of the model after each stage on every
     domain) and its forgetting summary (forgetting rate, BWT, FWT); non-finite values are null.
+    `end_task`: accuracy and macro-F1 of a probe on each labelled set attached to a domain,
+    after the base and every stage, with the same summary on those scores.
     """
     lineage = owned_lineage(session, lineage_id, principal.owner)
     return json_ok(MetricsOut(lineage_id=lineage.id, **build_metrics(session, lineage)))
+
+
+@router.put(
+    "/{lineage_id}/stages/{position}/end-task",
+    response_model=StageOut,
+    summary="Attach a labelled set to a domain (end-task evaluation)",
+)
+def attach_end_task(
+    lineage_id: int,
+    position: int,
+    body: EndTaskAttach,
+    principal: Principal = Depends(write_access),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    """Attach (or replace) the labelled set a domain is probed on. Stages that finish from now
+    on are probed on it, and the cells missing for earlier stages and the base are filled at
+    the next stage's end-task phase. 404 for a foreign lineage, stage or set."""
+    lineage = owned_lineage(session, lineage_id, principal.owner)
+    stage = next((s for s in lineage.stages if s.position == position), None)
+    if stage is None:
+        raise Problem(404, "not_found", f"lineage {lineage_id} has no stage {position}")
+    owned_labelled_set(session, body.end_task_corpus_id, principal.owner, "end_task_corpus_id")
+    stage.end_task_corpus_id = body.end_task_corpus_id
+    session.commit()
+    session.refresh(stage)
+    return json_ok(stage_out(stage))
