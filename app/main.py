@@ -15,7 +15,19 @@ from app.conditional_reads import ConditionalJobReads, KeyCache
 from app.job_watch import JobWatcher
 from app.problems import PROBLEM_JSON, install_problem_handlers, problem_response
 from app.ratelimit import make_rate_limiter
-from app.routes import artifacts, corpora, deletes, fork, health, job_details, jobs, keys, lineages
+from app.routes import (
+    artifacts,
+    corpora,
+    deletes,
+    domains,
+    fork,
+    health,
+    job_details,
+    jobs,
+    keys,
+    lineages,
+    metrics,
+)
 from service_core.db import make_engine, make_read_session_factory, make_session_factory
 from service_core.settings import Settings, get_settings
 
@@ -185,7 +197,9 @@ def create_app(
         settings.rate_limit_per_minute, settings.rate_limit_burst, settings.celery_broker_url
     )
     install_problem_handlers(app)
-    for router in (health.router, lineages.router, corpora.router, jobs.router):
+    for router in (health.router, lineages.router, domains.router, metrics.router):
+        app.include_router(router)
+    for router in (corpora.router, jobs.router):
         app.include_router(router)
     # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys)
     for module in (artifacts, deletes, fork, job_details, keys):
