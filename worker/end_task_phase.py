@@ -4,7 +4,9 @@ to the lineage's domains, with ``das_engine.end_task`` (linear probe, fixed seed
 are cached by the engine in ``<lineage>/end_task/matrix.json``, so a resumed job or a later
 stage computes only what is missing; the scores replace the lineage's ``EndTaskScore`` rows.
 
-A probe that fails does not fail the trained stage: it is a warning event on the job."""
+A probe that fails does not fail the trained stage: it is a warning event on the job. The
+phase is not cancellable: the engine has committed the stage by then, so a cancel here would
+leave the engine's lineage and the database disagreeing about it."""
 
 from __future__ import annotations
 
@@ -73,13 +75,9 @@ def run_end_task_phase(ctx: RunContext, lineage: Any) -> None:
     done = [0]
     _announce(ctx, f"end-task evaluation on {len(tasks)} labelled set(s)", tasks=list(tasks))
 
-    def progress(message: str) -> None:
+    def progress(_message: str) -> None:
         done[0] += 1
         ctx.tracker.progress = max(ctx.tracker.progress, lo + (hi - lo) * done[0] / total)
-        if ctx.should_cancel():
-            from das_engine.errors import Cancelled
-
-            raise Cancelled("cancelled during the end-task evaluation")
 
     try:
         result = end_task_matrix(lineage, tasks, progress=progress, mode=MODE)
@@ -90,6 +88,12 @@ def run_end_task_phase(ctx: RunContext, lineage: Any) -> None:
             f"end-task evaluation skipped: {ctx._clean(exc.message)}",
             level="warning",
             code=exc.code,
+        )
+        return
+    except Exception:  # noqa: BLE001 - the trained stage must not be lost to a probe
+        log.exception("job %s: end-task evaluation failed", ctx.claim.job_id)
+        _announce(
+            ctx, "end-task evaluation skipped (an internal error)", level="warning", code="internal"
         )
         return
     _store(ctx, result, stage_ids)

@@ -189,3 +189,25 @@ def test_owner_isolation(env, trained):
     body = {"corpus_id": text, "name": "law", "end_task_corpus_id": task}
     r = client.post(f"/v1/lineages/{stranger_lineage}/domains", headers=stranger.headers, json=body)
     assert_problem(r, 404)
+
+
+def test_a_probe_that_fails_is_a_warning_and_the_stage_still_succeeds(env):
+    from service_core.models import Corpus, JobEvent
+    from service_core.storage import resolve_stored
+
+    settings, app, client, runner, _ = env
+    owner = new_owner(app)
+    lineage = create_lineage(client, owner).json()["id"]
+    corpus = upload(client, owner, "law.txt", corpus_text("law")).json()["id"]
+    task = upload_labelled(client, owner, labelled("law")).json()["id"]
+    body = {"corpus_id": corpus, "name": "law", "end_task_corpus_id": task}
+    job = client.post(f"/v1/lineages/{lineage}/domains", headers=owner.headers, json=body)
+    with app.state.session_factory() as session:  # the stored file goes bad after the upload
+        resolve_stored(settings, session.get(Corpus, task).storage_path).write_text("{oops\n")
+    job_id = job.json()["job"]["id"]
+    assert runner.run(job_id) == "succeeded"
+    with app.state.session_factory() as session:
+        events = session.query(JobEvent).filter_by(job_id=job_id, type="end_task").all()
+    assert any(e.level == "warning" and e.data["code"] == "invalid_end_task_format" for e in events)
+    m = client.get(f"/v1/lineages/{lineage}/metrics", headers=owner.headers).json()
+    assert m["end_task"] is None and len(m["loss_matrix"]) == 1
