@@ -23,6 +23,7 @@ def corpus_out(corpus: Corpus) -> CorpusOut:
         characters=corpus.characters,
         status=corpus.status,
         report=corpus.report,
+        purpose=corpus.purpose or "pretraining",
         created_at=corpus.created_at,
     )
 
@@ -77,6 +78,7 @@ def stage_out(stage: Stage) -> StageOut:
         status=job.status,
         corpus_id=stage.corpus_id,
         eval_corpus_id=stage.eval_corpus_id,
+        end_task_corpus_id=stage.end_task_corpus_id,
         job_id=job.id,
         steps=stage.steps,
         trained_tokens=stage.trained_tokens,

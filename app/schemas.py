@@ -80,6 +80,10 @@ class CorpusOut(BaseModel):
     status: str = Field(description="`ready`: validated and usable")
     report: dict[str, Any] = Field(description="the validation report of das_engine")
     created_at: datetime = Field(description="upload time (UTC)")
+    purpose: Literal["pretraining", "end_task"] = Field(
+        "pretraining",
+        description="`pretraining`: text to train on; `end_task`: a labelled evaluation set",
+    )
 
 
 # -- lineages -----------------------------------------------------------------------------
@@ -144,7 +148,9 @@ class JobOut(BaseModel):
         "`cancelling`); a job is validated in the request that creates it, so it starts "
         "`queued` (`validating` is never reported)"
     )
-    phase: Literal["preparing", "importance", "scoring", "training", "evaluating"] | None = Field(
+    phase: (
+        Literal["preparing", "importance", "scoring", "training", "evaluating", "end_task"] | None
+    ) = Field(
         description="what a running job does (in this order; see the service documentation "
         "for the share of `progress` each one covers)"
     )
@@ -169,6 +175,9 @@ class StageOut(BaseModel):
     status: str = Field(description="its job's status")
     corpus_id: int = Field(description="the domain corpus")
     eval_corpus_id: int | None = Field(description="a separate evaluation corpus, if any")
+    end_task_corpus_id: int | None = Field(
+        None, description="the labelled set (purpose `end_task`) this domain is probed on"
+    )
     job_id: int = Field(description="the job training it")
     steps: int | None = Field(description="training steps, once trained")
     trained_tokens: int | None = Field(description="tokens trained on, once trained")
@@ -213,6 +222,43 @@ class DomainCreate(BaseModel):
     eval_corpus_id: int | None = Field(
         None, description="one of your corpora to evaluate on instead of a held-out split"
     )
+    end_task_corpus_id: int | None = Field(
+        None,
+        description="one of your labelled sets (POST /v1/corpora with `purpose=end_task`): "
+        "after this and every later stage the model is probed on it (accuracy, macro-F1)",
+    )
+
+
+class EndTaskAttach(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    end_task_corpus_id: int = Field(
+        description="one of your labelled sets (purpose `end_task`) to probe this domain on"
+    )
+
+
+class EndTaskSummary(BaseModel):
+    aligned_tasks: list[str] = Field(description="domains that have a labelled task")
+    forgetting_rate: float | None = Field(description="mean A[i][i] - A[T-1][i] over tasks")
+    bwt: float | None = Field(description="backward transfer (negative: forgetting)")
+    fwt: float | None = Field(description="forward transfer against the base model")
+    max_forgetting: float | None = Field(description="largest forgetting of one task")
+    final_mean: float | None = Field(description="mean score of the last stage's model")
+
+
+class EndTaskMetrics(BaseModel):
+    rows: list[str] = Field(description="`base`, then the domain trained by each stage")
+    tasks: list[str] = Field(description="columns: the domains whose labelled set was probed")
+    mode: str = Field(description="the probe: `linear` or `finetune`")
+    accuracy: list[list[float | None]] = Field(
+        description="row t: the model after stage t (row 0: the base), column j: accuracy "
+        "on task j's held-out split, in [0, 1]; null: not probed yet"
+    )
+    macro_f1: list[list[float | None]] = Field(description="the same cells' macro-F1")
+    summary: dict[str, EndTaskSummary] = Field(
+        description="FR/BWT/FWT of each matrix (`accuracy`, `macro_f1`), from "
+        "das_engine.metrics on the negated scores (higher is better)"
+    )
 
 
 class DomainAccepted(BaseModel):
@@ -244,6 +290,11 @@ class MetricsOut(BaseModel):
     max_forgetting: float | None = Field(description="largest forgetting of one domain")
     per_domain: list[dict[str, Any]] = Field(description="figures per domain")
     general: dict[str, Any] = Field(description="the general corpus's losses, if any")
+    end_task: EndTaskMetrics | None = Field(
+        None,
+        description="end-task scores (labelled sets attached to domains): accuracy and "
+        "macro-F1 per (after stage, task); null while none was probed",
+    )
 
 
 class Health(BaseModel):

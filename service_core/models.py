@@ -100,6 +100,8 @@ class Corpus(Base):
     status: Mapped[str] = mapped_column(String(16), default="ready")
     report: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # `pretraining` (text to train on) or `end_task` (labelled JSONL to probe the stages on)
+    purpose: Mapped[str] = mapped_column(String(16), default="pretraining")
     # DELETE /v1/corpora/{id}: the file is removed, the row stays (finished stages keep
     # naming it) and the id answers 404
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -149,6 +151,8 @@ class Stage(Base):
     active_name: Mapped[str | None] = mapped_column(String(64), default=None)
     corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"))
     eval_corpus_id: Mapped[int | None] = mapped_column(ForeignKey("corpora.id"), default=None)
+    # a labelled set (purpose `end_task`) that every later stage is probed on
+    end_task_corpus_id: Mapped[int | None] = mapped_column(ForeignKey("corpora.id"), default=None)
     engine_position: Mapped[int | None] = mapped_column(Integer, default=None)
     steps: Mapped[int | None] = mapped_column(Integer, default=None)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
@@ -236,6 +240,22 @@ class EvalScore(Base):
     domain: Mapped[str | None] = mapped_column(String(64), default=None)
     metric: Mapped[str] = mapped_column(String(32), default="loss")
     value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EndTaskScore(Base):
+    """One cell of a lineage's end-task matrices: the model after ``stage`` (NULL: the base
+    model) probed on the labelled task of ``task_stage`` (the stage the set is attached to)."""
+
+    __tablename__ = "end_task_scores"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lineage_id: Mapped[int] = mapped_column(ForeignKey("lineages.id"), index=True)
+    stage_id: Mapped[int | None] = mapped_column(ForeignKey("stages.id"), default=None)
+    task_stage_id: Mapped[int] = mapped_column(ForeignKey("stages.id"))
+    mode: Mapped[str] = mapped_column(String(16), default="linear")
+    accuracy: Mapped[float] = mapped_column(Float)
+    macro_f1: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

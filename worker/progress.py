@@ -20,10 +20,11 @@ SEGMENTS: tuple[tuple[str, float, float], ...] = (
     ("scoring", 0.08, 0.15),  # earlier stages (and the base) on the new domain
     ("training", 0.15, 0.85),  # the optimizer steps: step / total
     ("importance", 0.85, 0.92),  # the domain's importance after training
-    ("evaluating", 0.92, 1.00),  # held-out losses of the new model on every domain
+    ("evaluating", 0.92, 0.97),  # held-out losses of the new model on every domain
+    ("end_task", 0.97, 1.00),  # probes on the labelled sets (worker.end_task_phase)
 )
-PREPARING, IMPORTANCE_BEFORE, SCORING, TRAINING, IMPORTANCE_AFTER, EVALUATING = range(6)
-PHASES = ("preparing", "importance", "scoring", "training", "evaluating")
+PREPARING, IMPORTANCE_BEFORE, SCORING, TRAINING, IMPORTANCE_AFTER, EVALUATING, END_TASK = range(7)
+PHASES = ("preparing", "importance", "scoring", "training", "evaluating", "end_task")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from service_core.models import (
 from service_core.redaction import scrub_data, scrub_text
 from service_core.settings import Settings
 from worker.claims import Claim, LeaseLost, with_db_retry
+from worker.end_task_phase import run_end_task_phase
 from worker.progress import TRAINING, ProgressTracker
 from worker.stage_inputs import load_spec, open_lineage
 from worker.stage_results import finished_stage_result, json_safe, record_success
@@ -182,6 +183,7 @@ class RunContext:
                 result = finished_stage_result(lineage, spec.name)
                 if result is None:
                     raise
+            run_end_task_phase(self, lineage)
             record_success(self, lineage, result)
             return JOB_SUCCEEDED
         except LeaseLost:

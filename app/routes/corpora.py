@@ -12,6 +12,7 @@ from app import quotas
 from app.auth import Principal, authenticate, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.idempotency import HEADER, idempotency_header
+from app.labelled_sets import check_purpose, labelled_row, validate_labelled
 from app.presenters import corpus_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, paginate
@@ -36,8 +37,17 @@ UPLOAD_BODY = {
                             "type": "string",
                             "format": "binary",
                             "description": ".txt or .jsonl (a 'text' field per line), "
-                            "optionally .gz",
-                        }
+                            "optionally .gz; with `purpose=end_task`: .jsonl of "
+                            '`{"text": str, "label": str | int}` lines',
+                        },
+                        "purpose": {
+                            "type": "string",
+                            "enum": ["pretraining", "end_task"],
+                            "default": "pretraining",
+                            "description": "`pretraining`: text to train a domain on; "
+                            "`end_task`: a labelled evaluation set to attach to a domain "
+                            "(`end_task_corpus_id`), probed after every stage",
+                        },
                     },
                 }
             }
@@ -59,7 +69,11 @@ async def upload_corpus(
 ) -> JSONResponse:
     """Upload a corpus as multipart field `file` (.txt or .jsonl, optionally .gz), streamed to
     disk. It is validated in the request (encoding, JSON lines, emptiness, gzip bombs: a 4xx
-    naming each problem with its line, nothing kept) and counts against your storage quota
+    naming each problem with its line, nothing kept). Form field `purpose=end_task` (as in
+    the OpenAI/Together files APIs) uploads a labelled evaluation set instead: JSONL of
+    `{"text": str, "label": str | int}`, at least 8 examples, two classes and 2 per class
+    (422 `invalid_end_task_format` / `end_task_too_few_examples` /
+    `end_task_too_few_classes` otherwise). Counts against your storage quota
     (`DAS_MAX_STORAGE_BYTES_PER_OWNER`, 403). Honours `Idempotency-Key`.
     """
     settings = request.app.state.settings
@@ -73,11 +87,18 @@ async def upload_corpus(
                 "file: a file part named 'file' is required",
                 errors=[{"field": "file", "message": "required"}],
             )
-        fmt, compressed, report = validate_upload(settings, result.file)
+        purpose = check_purpose(result.fields.get("purpose"))
+        if purpose == "end_task":
+            compressed, report = validate_labelled(settings, result.file)
+        else:
+            fmt, compressed, report = validate_upload(settings, result.file)
         with factory() as session, session.begin():
             quotas.lock_owner(session, principal.owner)
             quotas.check_storage(settings, session, principal.owner, adding=result.file.bytes)
-            corpus = corpus_row(settings, principal.owner, result.file, fmt, compressed, report)
+            if purpose == "end_task":
+                corpus = labelled_row(settings, principal.owner, result.file, compressed, report)
+            else:
+                corpus = corpus_row(settings, principal.owner, result.file, fmt, compressed, report)
             session.add(corpus)
             session.flush()
             answer = corpus_out(corpus).model_dump(mode="json")

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import preflight, quotas
-from app.auth import Principal
+from app.auth import Principal, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.idempotency import HEADER, IdempotencyScope, idempotency_header, request_hash
 from app.lineage_building import (
@@ -24,7 +24,7 @@ from app.lineage_building import (
     resolve_lineage_base,
     training_config,
 )
-from app.presenters import job_out, stage_out
+from app.presenters import job_out, json_ok, stage_out
 from app.problems import Problem
 from app.queries import owned_corpus, owned_lineage
 from app.ratelimit import write_access
@@ -32,6 +32,8 @@ from app.schemas import (
     DOMAIN_NAME_PATTERN,
     DomainAccepted,
     DomainCreate,
+    EndTaskAttach,
+    StageOut,
 )
 from app.storable import encode_json
 from app.uploads import MultipartResult
@@ -75,6 +77,11 @@ DOMAIN_BODY = {
                             "type": "integer",
                             "description": "one of your corpora to evaluate on instead of a "
                             "held-out split",
+                        },
+                        "end_task_corpus_id": {
+                            "type": "integer",
+                            "description": "one of your labelled sets (purpose `end_task`) "
+                            "to probe this and every later stage on",
                         },
                     },
                 }
@@ -131,6 +138,19 @@ def preflight_domain(
         quotas.check_job_tokens(settings, tokens)
 
 
+def owned_labelled_set(session: Session, corpus_id: int, owner: str, field: str) -> Corpus:
+    """One of the owner's corpora of purpose ``end_task`` (404 if foreign, 422 if not one)."""
+    corpus = owned_corpus(session, corpus_id, owner)
+    if corpus.purpose != "end_task":
+        raise Problem(
+            422,
+            "not_a_labelled_set",
+            f"{field}: corpus {corpus_id} is not a labelled set (upload it with purpose=end_task)",
+            errors=[{"field": field, "message": "not a labelled set"}],
+        )
+    return corpus
+
+
 def add_domain(
     session: Session,
     owner: str,
@@ -140,6 +160,7 @@ def add_domain(
     eval_corpus_id: int | None,
     *,
     settings: Settings | None = None,
+    end_task_corpus_id: int | None = None,
 ) -> tuple[Stage, Job]:
     """Create the next stage and its queued job (the caller commits, then enqueues). With
     ``settings``, the owner's quota of unfinished jobs applies (counted under the owner's
@@ -147,6 +168,8 @@ def add_domain(
     lineage = owned_lineage(session, lineage_id, owner)
     if eval_corpus_id is not None:
         owned_corpus(session, eval_corpus_id, owner)
+    if end_task_corpus_id is not None:
+        owned_labelled_set(session, end_task_corpus_id, owner, "end_task_corpus_id")
     if corpus.status != "ready":
         raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
     _check_domain_name_free(session, lineage, name)
@@ -163,6 +186,7 @@ def add_domain(
         active_name=name,
         corpus_id=corpus.id,
         eval_corpus_id=eval_corpus_id,
+        end_task_corpus_id=end_task_corpus_id,
     )
     session.add(stage)
     session.flush()
@@ -287,6 +311,7 @@ async def post_domain(
                     body.name,
                     body.eval_corpus_id,
                     settings=settings,
+                    end_task_corpus_id=body.end_task_corpus_id,
                 )
                 _check_answer(stage, job)
                 _commit_domain(session)
@@ -328,6 +353,7 @@ async def post_domain(
                 body.name,
                 body.eval_corpus_id,
                 settings=settings,
+                end_task_corpus_id=body.end_task_corpus_id,
             )
             _check_answer(stage, job)
             _commit_domain(session)
@@ -351,10 +377,11 @@ async def _small_body(request: Request, limit: int) -> bytes:
 
 
 def _domain_fields(fields: dict[str, str]) -> DomainCreate:
-    extra = set(fields) - {"name", "eval_corpus_id"}
+    extra = set(fields) - {"name", "eval_corpus_id", "end_task_corpus_id"}
     data: dict[str, Any] = {"corpus_id": 0, "name": fields.get("name")}
-    if fields.get("eval_corpus_id"):
-        data["eval_corpus_id"] = fields["eval_corpus_id"]
+    for key in ("eval_corpus_id", "end_task_corpus_id"):
+        if fields.get(key):
+            data[key] = fields[key]
     try:
         if extra:
             raise Problem(
@@ -377,3 +404,29 @@ def _domain_fields(fields: dict[str, str]) -> DomainCreate:
 
 
 # -- metrics ------------------------------------------------------------------------------
+
+
+@router.put(
+    "/{lineage_id}/stages/{position}/end-task",
+    response_model=StageOut,
+    summary="Attach a labelled set to a domain (end-task evaluation)",
+)
+def attach_end_task(
+    lineage_id: int,
+    position: int,
+    body: EndTaskAttach,
+    principal: Principal = Depends(write_access),
+    session: Session = Depends(get_session),
+) -> JSONResponse:
+    """Attach (or replace) the labelled set a domain is probed on. Stages that finish from now
+    on are probed on it, and the cells missing for earlier stages and the base are filled at
+    the next stage's end-task phase. 404 for a foreign lineage, stage or set."""
+    lineage = owned_lineage(session, lineage_id, principal.owner)
+    stage = next((s for s in lineage.stages if s.position == position), None)
+    if stage is None:
+        raise Problem(404, "not_found", f"lineage {lineage_id} has no stage {position}")
+    owned_labelled_set(session, body.end_task_corpus_id, principal.owner, "end_task_corpus_id")
+    stage.end_task_corpus_id = body.end_task_corpus_id
+    session.commit()
+    session.refresh(stage)
+    return json_ok(stage_out(stage))

@@ -155,6 +155,7 @@ def _copy_rows(session: Session, plan: _Plan, child: Lineage, paths: _Paths) -> 
             active_name=old.name,
             corpus_id=old.corpus_id,
             eval_corpus_id=old.eval_corpus_id,
+            end_task_corpus_id=old.end_task_corpus_id,
             engine_position=number,
             steps=old.steps,
             trained_tokens=old.trained_tokens,

@@ -18,8 +18,10 @@ from app.schemas import (
 )
 from service_core.models import (
     JOB_SUCCEEDED,
+    EndTaskScore,
     EvalScore,
     Lineage,
+    Stage,
 )
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
@@ -51,7 +53,45 @@ def build_metrics(session: Session, lineage: Lineage) -> dict[str, Any]:
     summary = summarize(
         domains, matrix, base if any(v is not None for v in base) else None, general or None
     )
+    summary["end_task"] = end_task_block(session, lineage, stages)
     return _without_non_finite(summary)
+
+
+def end_task_block(session: Session, lineage: Lineage, stages: list[Stage]) -> dict | None:
+    """Accuracy and macro-F1 matrices from ``EndTaskScore`` rows (rows: the base, then each
+    trained stage; columns: the domains with a labelled set), with FR/BWT/FWT computed as
+    ``das_engine.end_task`` does (on the negated scores)."""
+    from das_engine.end_task import summarize_scores
+
+    scores = session.scalars(
+        select(EndTaskScore).where(EndTaskScore.lineage_id == lineage.id)
+    ).all()
+    if not scores:
+        return None
+    probed = {s.task_stage_id for s in scores}
+    tasks = [st for st in stages if st.id in probed]
+    cell = {(s.stage_id, s.task_stage_id): s for s in scores}
+    rows: list[int | None] = [None, *[st.id for st in stages]]
+
+    def matrix(attr: str) -> list[list[float | None]]:
+        return [
+            [_finite(getattr(cell[(r, t.id)], attr)) if (r, t.id) in cell else None for t in tasks]
+            for r in rows
+        ]
+
+    domains, names = [st.name for st in stages], [t.name for t in tasks]
+    acc, f1 = matrix("accuracy"), matrix("macro_f1")
+    return {
+        "rows": ["base", *domains],
+        "tasks": names,
+        "mode": scores[0].mode,
+        "accuracy": acc,
+        "macro_f1": f1,
+        "summary": {
+            "accuracy": summarize_scores(domains, names, acc[0], acc[1:]),
+            "macro_f1": summarize_scores(domains, names, f1[0], f1[1:]),
+        },
+    }
 
 
 def _without_non_finite(value: Any) -> Any:
@@ -73,6 +113,8 @@ def get_metrics(
 ) -> JSONResponse:
     """The lineage's evaluation matrix (loss and perplexity of the model after each stage on every
     domain) and its forgetting summary (forgetting rate, BWT, FWT); non-finite values are null.
+    `end_task`: accuracy and macro-F1 of a probe on each labelled set attached to a domain,
+    after the base and every stage, with the same summary on those scores.
     """
     lineage = owned_lineage(session, lineage_id, principal.owner)
     return json_ok(MetricsOut(lineage_id=lineage.id, **build_metrics(session, lineage)))
