@@ -33,7 +33,7 @@ MODE = "linear"
 def _tasks(ctx: RunContext) -> tuple[dict[str, Path], dict[str, int]]:
     """(domain name -> labelled file, domain name -> stage id) of the lineage's live stages
     (succeeded ones and the one this job trains)."""
-    with ctx.factory() as session:
+    with ctx.factory() as session, session.begin():  # one consistent snapshot of the stages
         job = ctx._owned_job(session)
         tasks: dict[str, Path] = {}
         ids: dict[str, int] = {}

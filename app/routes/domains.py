@@ -424,7 +424,7 @@ def attach_end_task(
     lineage = owned_lineage(session, lineage_id, principal.owner)
     stage = next((s for s in lineage.stages if s.position == position), None)
     if stage is None:
-        raise Problem(404, "not_found", f"lineage {lineage_id} has no stage {position}")
+        raise Problem(404, "stage_not_found", f"lineage {lineage_id} has no stage {position}")
     owned_labelled_set(session, body.end_task_corpus_id, principal.owner, "end_task_corpus_id")
     stage.end_task_corpus_id = body.end_task_corpus_id
     session.commit()

@@ -180,6 +180,8 @@ def test_every_route_with_an_id_is_404_to_another_owner(trained):
                 kwargs["json"] = {"corpus_id": ids["corpus_id"], "name": "stolen"}
             if method == "POST" and template.endswith("/fork"):
                 kwargs["json"] = {"name": "stolen", "from_stage": 1}
+            if method == "PUT" and template.endswith("/end-task"):
+                kwargs["json"] = {"end_task_corpus_id": ids["corpus_id"]}
             r = client.request(method, path, headers={**bob.headers, **extra}, **kwargs)
             if method == "HEAD":  # no body to read: the status and the headers say it
                 assert r.status_code == 404 and "etag" not in r.headers, (path, extra)
@@ -195,6 +197,8 @@ def test_every_route_with_an_id_is_404_to_another_owner(trained):
         )
         if template.endswith("/fork"):
             kwargs = {"json": {"name": "x", "from_stage": 1}}
+        if template.endswith("/end-task"):
+            kwargs = {"json": {"end_task_corpus_id": 999999}}
         assert client.request(method, missing, headers=bob.headers, **kwargs).status_code == 404
     # bob's own corpus cannot be attached to alice's lineage either, nor alice's to bob's
     bobs_lineage = create_lineage(client, bob).json()["id"]
