@@ -132,7 +132,7 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
                 codes = ["404", "422", "500", "503"] if path.startswith("/v1") else ["500"]
                 if path.startswith("/v1"):
                     codes.insert(0, "401")
-                if method == "post":
+                if method in ("post", "put"):  # a body to parse, a write to rate-limit
                     codes += ["400", "409", "413", "415", "429"]
                     if path.startswith("/v1"):
                         codes.append("403")  # a quota
