@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench-step-cost bench-memory bench-data bench-base bench-continual clean
+.PHONY: install serve test lint bench-step-cost bench-gpu bench-memory bench-data bench-base bench-continual clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ lint: install
 
 bench-step-cost: install
 	$(PY) benchmarks/step_cost.py
+
+bench-gpu: install
+	$(PY) benchmarks/gpu_decoder.py check
+	$(PY) benchmarks/gpu_decoder.py speed
 
 # Peak memory of NCL vs DAS (~125M RoBERTa-base shape measured, 1.24B Llama accounted; ~2 min idle)
 bench-memory: install

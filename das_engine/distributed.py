@@ -255,6 +255,19 @@ class StrategyForward(nn.Module):
         return self.strategy.loss(self.model, batch)
 
 
+def _no_buffer_sync() -> dict:
+    """DDP's "do not sync buffers each forward" flag under its name in this torch:
+    ``forward_sync_buffers`` since 2.13, ``broadcast_buffers`` before (then deprecated)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    params = inspect.signature(DDP.__init__).parameters
+    return {
+        "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False
+    }
+
+
 class DataParallel:
     """The trainer's view of data parallelism; with one process every method is a no-op."""
 
@@ -270,7 +283,7 @@ class DataParallel:
             self.ddp = DDP(
                 StrategyForward(model, strategy),
                 device_ids=[dev.index] if dev.type == "cuda" else None,
-                forward_sync_buffers=False,  # no running statistics in these models
+                **_no_buffer_sync(),  # no running statistics in these models
                 # a micro-batch without a masked token skips the LM head; a strategy may
                 # leave other parameters out of a step's graph
                 find_unused_parameters=True,

@@ -74,7 +74,8 @@ def test_lora_on_every_projection_and_the_merge_is_exact(tokenizer, batch, tmp_p
     assert all(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         again = lm_forward(model, unit_map, batch)
-    torch.testing.assert_close(again.hidden, adapted.hidden, rtol=1e-4, atol=1e-5)
+    # exact up to float32 rounding: (W + sBA)x and Wx + sB(Ax) sum in another order
+    torch.testing.assert_close(again.hidden, adapted.hidden, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

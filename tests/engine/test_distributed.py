@@ -86,7 +86,8 @@ def two_process_run(tmp_path_factory):
     single, multi = _lineage(tmp / "single", base), _lineage(tmp / "multi", base)
     work = tmp / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     started = time.perf_counter()
     proc = subprocess.run(
@@ -200,3 +201,17 @@ def test_rank_slices_cover_the_global_batch_with_token_weights(monkeypatch):
     dp = distributed.DataParallel(frozen, None, "mlm")
     with pytest.raises(ConfigError, match="at least the number of processes"):
         dp.shard({k: v[:2] for k, v in batch.items()})
+
+
+def test_the_no_buffer_sync_flag_is_one_this_torch_accepts():
+    """torch 2.13 renamed DDP's ``broadcast_buffers`` to ``forward_sync_buffers``; passing
+    the new name to an older torch (2.11 on a GPU machine) killed every DDP stage."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from das_engine.distributed import _no_buffer_sync
+
+    flag = _no_buffer_sync()
+    assert flag in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
+    assert next(iter(flag)) in inspect.signature(DistributedDataParallel.__init__).parameters

@@ -99,8 +99,10 @@ def test_update_mask_on_embedding_rows_and_norms_is_exact(tokenizer, mlm_batch):
 
     def step(m, mask):
         kw = {"lr": 0.05, "weight_decay": 0.1}
-        opt = mask.optimizer(m.parameters(), **kw) if mask else torch.optim.AdamW(
-            m.parameters(), **kw
+        opt = (
+            mask.optimizer(m.parameters(), **kw)
+            if mask
+            else torch.optim.AdamW(m.parameters(), **kw)
         )
         for _ in range(2):
             opt.zero_grad()

@@ -19,7 +19,7 @@ from das_engine.importance import Importance
 from das_engine.lineage import Lineage
 from das_engine.precision import Precision, resolve_mode
 from das_engine.softmask import parameter_multipliers
-from das_engine.trainer import Trainer
+from das_engine.trainer import Trainer, select_device
 from das_engine.units import build_unit_map
 
 from .conftest import TINY_CONFIG, tiny
@@ -43,9 +43,11 @@ def _record_autocast(monkeypatch, seen: list) -> None:
     def wrap(module, name, phase):
         real = getattr(module, name)
 
+        device = select_device().type  # the lineage's own device (cuda > cpu)
+
         def spy(*args, **kwargs):
-            on = torch.is_autocast_enabled("cpu")
-            seen.append((phase, torch.get_autocast_dtype("cpu") if on else torch.float32))
+            on = torch.is_autocast_enabled(device)
+            seen.append((phase, torch.get_autocast_dtype(device) if on else torch.float32))
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, spy)
@@ -90,9 +92,9 @@ def _fraction_changed(after: dict, before: dict, mults: dict | None = None) -> d
     out = {}
     for k in after:
         if k.endswith(".weight") and any(n in k for n in MASKED):
-            moved = after[k].float() != before[k].float()
+            moved = after[k].float().cpu() != before[k].float().cpu()
             if mults is not None:
-                moved = moved[mults[k].expand_as(moved) >= 1e-3]  # vectors broadcast
+                moved = moved[mults[k].cpu().expand_as(moved) >= 1e-3]  # vectors broadcast
             out[k] = float(moved.float().mean())
     return out
 

@@ -26,8 +26,10 @@ def _importance(um, fill: float | None = None, seed: int = 0) -> Importance:
 
 def _optimizer(model, mask: SoftMask | None, **kw):
     """The mask's optimizer (update mode masks inside the AdamW step), or plain AdamW."""
-    return mask.optimizer(model.parameters(), **kw) if mask else torch.optim.AdamW(
-        model.parameters(), **kw
+    return (
+        mask.optimizer(model.parameters(), **kw)
+        if mask
+        else torch.optim.AdamW(model.parameters(), **kw)
     )
 
 

@@ -259,3 +259,21 @@ def test_baseline_runs_a_two_stage_lineage(strategy, engine_cache, tmp_path, cor
     assert all(x is not None for row in m["loss_matrix"] for x in row)
     assert m["forgetting_rate"] is not None
     assert [s["steps"] for s in m["stages"]] == [TINY["max_steps"]] * 2
+
+
+def test_plain_adamw_is_fused_only_when_every_parameter_is_on_cuda():
+    """Fused AdamW on CUDA (no temporary the size of all moments: the 8B OOM); the CPU
+    keeps torch's foreach path."""
+    from das_engine.strategies.base import _all_on_cuda
+
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    assert not _all_on_cuda(cpu) and not _all_on_cuda([{"params": cpu}]) and not _all_on_cuda([])
+    opt = make_strategy(TrainingConfig(strategy="ncl")).build_optimizer(cpu, lr=1e-3)
+    assert not opt.param_groups[0]["fused"]
+    if torch.cuda.is_available():
+        gpu = [torch.nn.Parameter(torch.zeros(3, device="cuda"))]
+        assert (
+            make_strategy(TrainingConfig(strategy="ncl"))
+            .build_optimizer(gpu, lr=1e-3)
+            .param_groups[0]["fused"]
+        )
