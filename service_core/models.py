@@ -20,12 +20,25 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
+from sqlalchemy.sql import select
 from sqlalchemy.types import TypeDecorator
+
+from service_core import public_ids
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def public_id_column(prefix: str) -> Mapped[str]:
+    """The id the API shows for a row (``service_core.public_ids``), set at insert."""
+    return mapped_column(
+        String(public_ids.COLUMN_LENGTH),
+        unique=True,
+        index=True,
+        default=public_ids.generator(prefix),
+    )
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -77,6 +90,7 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = public_id_column(public_ids.API_KEY)
     owner: Mapped[str] = mapped_column(String(100), index=True)
     prefix: Mapped[str] = mapped_column(String(16), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -88,6 +102,7 @@ class Corpus(Base):
     __tablename__ = "corpora"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = public_id_column(public_ids.CORPUS)
     owner: Mapped[str] = mapped_column(String(100), index=True)
     filename: Mapped[str] = mapped_column(String(255))
     storage_path: Mapped[str] = mapped_column(String(1024))
@@ -111,6 +126,7 @@ class Lineage(Base):
     __tablename__ = "lineages"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = public_id_column(public_ids.LINEAGE)
     owner: Mapped[str] = mapped_column(String(100), index=True)
     name: Mapped[str] = mapped_column(String(200))
     base_model: Mapped[str] = mapped_column(String(500))
@@ -168,6 +184,7 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_status", "status"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = public_id_column(public_ids.JOB)
     stage_id: Mapped[int] = mapped_column(ForeignKey("stages.id"), unique=True)
     lineage_id: Mapped[int] = mapped_column(ForeignKey("lineages.id"), index=True)
     owner: Mapped[str] = mapped_column(String(100), index=True)
@@ -181,6 +198,9 @@ class Job(Base):
     loss: Mapped[float | None] = mapped_column(Float, default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # the ``seq`` of the job's newest event (events are numbered 1, 2, ... per job, so an
+    # event id reveals nothing of other jobs); bumped by ``lifecycle.add_event``
+    last_event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     claim_token: Mapped[str | None] = mapped_column(String(64), default=None)
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -195,10 +215,15 @@ class Job(Base):
 
 
 class JobEvent(Base):
+    """One entry of a job's log. Users see ``seq`` (its number within the job) as the
+    event's id, cursor and server-sent-event id, never the global row id."""
+
     __tablename__ = "job_events"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_seq"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     level: Mapped[str] = mapped_column(String(8), default="info")
     type: Mapped[str] = mapped_column(String(32))
@@ -270,3 +295,25 @@ class IdempotencyRecord(Base):
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     response_body: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- the public ids of referenced rows, loaded in the same SELECT as the row ---------------
+# (presenters show these, never the integer foreign keys; a correlated subquery costs no
+# extra statement on the most polled reads)
+
+
+def _public_id_of(model: type[Base], key: Any) -> Any:
+    other = model.__table__.alias()  # an alias: a lineage may name another lineage
+    return column_property(
+        select(other.c.public_id).where(other.c.id == key).correlate_except(other).scalar_subquery()
+    )
+
+
+Lineage.general_corpus_public_id = _public_id_of(Corpus, Lineage.general_corpus_id)
+Lineage.forked_from_public_id = _public_id_of(Lineage, Lineage.forked_from_id)
+Stage.corpus_public_id = _public_id_of(Corpus, Stage.corpus_id)
+Stage.eval_corpus_public_id = _public_id_of(Corpus, Stage.eval_corpus_id)
+Stage.end_task_corpus_public_id = _public_id_of(Corpus, Stage.end_task_corpus_id)
+Stage.lineage_public_id = _public_id_of(Lineage, Stage.lineage_id)
+Job.lineage_public_id = _public_id_of(Lineage, Job.lineage_id)
+JobEvent.job_public_id = _public_id_of(Job, JobEvent.job_id)
