@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.job_watch import etag_matches, events_etag
 
-JOB_READ = re.compile(r"^/v1/jobs/([1-9][0-9]{0,17})(/events)?$")
+JOB_READ = re.compile(r"^/v1/jobs/(job_[A-Za-z0-9]{20})(/events)?$")  # a public job id
 EVENTS_DEFAULT_LIMIT = 100  # the events route's default page size
 EVENTS_MAX_LIMIT = 500
 
@@ -102,7 +102,7 @@ class ConditionalJobReads:
         principal = state.key_cache.get(token)
         if principal is None:
             return False
-        job_id = int(match.group(1))
+        job_id = match.group(1)
         watch = state.job_watcher.peek(job_id)
         if watch is None or watch.owner != principal.owner or watch.etag is None:
             return False

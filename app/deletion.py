@@ -63,23 +63,26 @@ def delete_corpus(settings: Settings, session: Session, corpus: Corpus) -> None:
         raise Problem(
             409,
             "corpus_in_use",
-            f"corpus {corpus.id} is used by job(s) {sorted(j.id for j in users)} that have "
+            f"corpus {corpus.public_id} is used by job(s) "
+            f"{', '.join(j.public_id for j in sorted(users, key=lambda j: j.id))} that have "
             "not finished; cancel them or wait",
         )
     waiting = session.scalars(
-        select(Lineage.id).where(
+        select(Lineage.public_id)
+        .where(
             Lineage.general_corpus_id == corpus.id,
             Lineage.deleted_at.is_(None),
             ~select(Job.id)
             .where(Job.lineage_id == Lineage.id, Job.status == JOB_SUCCEEDED)
             .exists(),
         )
+        .order_by(Lineage.id)
     ).all()
     if waiting:
         raise Problem(
             409,
             "corpus_in_use",
-            f"corpus {corpus.id} is the general corpus of lineage(s) {sorted(waiting)}, "
+            f"corpus {corpus.public_id} is the general corpus of lineage(s) {', '.join(waiting)}, "
             "which read it when their first stage trains",
         )
     corpus.deleted_at = utcnow()
@@ -99,7 +102,8 @@ def delete_lineage(session: Session, lineage: Lineage, *, force: bool) -> list[i
         raise Problem(
             409,
             "lineage_training",
-            f"job {training[0].id} of lineage {lineage.id} is training; cancel it first, "
+            f"job {training[0].public_id} of lineage {lineage.public_id} is training; cancel it "
+            "first, "
             "or delete with ?force=true (the job is cancelled, the files go once it stopped)",
         )
     # the last stage first, so that each queued job says why it was cancelled itself

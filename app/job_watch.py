@@ -33,9 +33,9 @@ def job_etag(body: dict[str, Any]) -> str:
     return f'"j{digest[:32]}"'
 
 
-def events_etag(job_id: int, last_event_id: int, after: int, limit: int) -> str:
-    """Events are append-only with increasing ids, so a page (after, limit) changes only
-    when the job's newest event id does."""
+def events_etag(job_id: str, last_event_id: int, after: int, limit: int) -> str:
+    """Events are append-only, numbered 1, 2, ... per job, so a page (after, limit) changes
+    only when the job's newest event number does. ``job_id`` is the public id."""
     return f'"e{job_id}-{last_event_id}-{after}-{limit}"'
 
 
@@ -59,14 +59,14 @@ def event_body(event: JobEvent) -> dict[str, Any]:
 
 @dataclass
 class _Watch:
-    job_id: int
+    job_id: str  # the public id (what the routes and the fast path are given)
     owner: str | None = None
     body: dict[str, Any] | None = None  # the job's JSON as GET /v1/jobs/{id} shows it
     etag: str | None = None
     terminal: bool = False
-    last_event_id: int = 0
+    last_event_id: int = 0  # the newest event's number (``seq``) within the job
     events: list[dict[str, Any]] = field(default_factory=list)  # the newest RING events
-    ring_start: int = 0  # every event with id > ring_start is in ``events``
+    ring_start: int = 0  # every event numbered > ring_start is in ``events``
     loaded: bool = False
     gone: bool = False  # the job does not exist (deleted)
     subscribers: int = 0
@@ -89,10 +89,10 @@ class JobWatcher:
         self.read_factory = read_factory
         self.poll_seconds = poll_seconds
         self.idle_seconds = idle_seconds
-        self._watches: dict[int, _Watch] = {}
+        self._watches: dict[str, _Watch] = {}
 
     # -- reading the database (in a worker thread) ---------------------------------------
-    def _load(self, job_id: int, after_event: int, first: bool) -> dict[str, Any] | None:
+    def _load(self, job_id: str, after_event: int, first: bool) -> dict[str, Any] | None:
         from app.presenters import job_out
 
         with self.read_factory() as session:
@@ -100,19 +100,19 @@ class JobWatcher:
                 select(Job, Stage)
                 .join(Stage, Stage.id == Job.stage_id)
                 .join(Lineage, Lineage.id == Job.lineage_id)
-                .where(Job.id == job_id, Lineage.deleted_at.is_(None))  # deleted: gone
+                .where(Job.public_id == job_id, Lineage.deleted_at.is_(None))  # deleted: gone
             ).first()
             if row is None:
                 return None
             job, stage = row
             body = job_out(job, stage).model_dump(mode="json")
-            stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+            stmt = select(JobEvent).where(JobEvent.job_id == job.id)
             if first:  # only the newest RING: older ones are read on demand
-                events = list(session.scalars(stmt.order_by(JobEvent.id.desc()).limit(RING)))[::-1]
+                events = list(session.scalars(stmt.order_by(JobEvent.seq.desc()).limit(RING)))[::-1]
             else:
                 events = list(
                     session.scalars(
-                        stmt.where(JobEvent.id > after_event).order_by(JobEvent.id).limit(PAGE)
+                        stmt.where(JobEvent.seq > after_event).order_by(JobEvent.seq).limit(PAGE)
                     )
                 )
             return {
@@ -122,13 +122,15 @@ class JobWatcher:
                 "events": [event_body(e) for e in events],
             }
 
-    def read_events(self, job_id: int, after: int, before: int) -> list[dict[str, Any]]:
-        """Events with after < id <= before, from the database (a late stream catching up)."""
+    def read_events(self, job_id: str, after: int, before: int) -> list[dict[str, Any]]:
+        """Events numbered after < seq <= before, from the database (a late stream catching
+        up)."""
+        row_id = select(Job.id).where(Job.public_id == job_id).scalar_subquery()
         with self.read_factory() as session:
             rows = session.scalars(
                 select(JobEvent)
-                .where(JobEvent.job_id == job_id, JobEvent.id > after, JobEvent.id <= before)
-                .order_by(JobEvent.id)
+                .where(JobEvent.job_id == row_id, JobEvent.seq > after, JobEvent.seq <= before)
+                .order_by(JobEvent.seq)
                 .limit(PAGE)
             )
             return [event_body(e) for e in rows]
@@ -182,7 +184,7 @@ class JobWatcher:
                 del self._watches[watch.job_id]
             watch.changed.set()
 
-    def _watch(self, job_id: int) -> _Watch:
+    def _watch(self, job_id: str) -> _Watch:
         loop = asyncio.get_running_loop()
         watch = self._watches.get(job_id)
         if watch is None or watch.loop is not loop or watch.task is None or watch.task.done():
@@ -193,18 +195,18 @@ class JobWatcher:
         return watch
 
     # -- what requests use ---------------------------------------------------------------
-    def peek(self, job_id: int) -> _Watch | None:
+    def peek(self, job_id: str) -> _Watch | None:
         """The cached state of ``job_id`` if it is loaded (no database access); starts a
         watch otherwise, so the next conditional read of this job is answered from it."""
         watch = self._watch(job_id)
         return watch if watch.loaded and not watch.gone else None
 
-    def cached(self, job_id: int) -> _Watch | None:
+    def cached(self, job_id: str) -> _Watch | None:
         """The loaded watch of ``job_id``, if any; never starts one (any thread)."""
         watch = self._watches.get(job_id)
         return watch if watch is not None and watch.loaded and not watch.gone else None
 
-    def start_from_thread(self, job_id: int) -> None:
+    def start_from_thread(self, job_id: str) -> None:
         """``peek`` from a sync route (a worker thread of the event loop): start watching
         a polled job so that its next conditional read is answered from the watch."""
         try:
@@ -212,7 +214,7 @@ class JobWatcher:
         except RuntimeError:  # not in an event loop's worker thread: nothing to start
             pass
 
-    def forget(self, job_id: int) -> None:
+    def forget(self, job_id: str) -> None:
         """Drop the cached state (after this process changed the job: read-your-writes)."""
         watch = self._watches.pop(job_id, None)  # may run in a worker thread
         if watch is not None and watch.task is not None and watch.loop is not None:
@@ -222,9 +224,9 @@ class JobWatcher:
                 pass
 
     async def follow(
-        self, job_id: int, after: int, keepalive_seconds: float
+        self, job_id: str, after: int, keepalive_seconds: float
     ) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
-        """("event", e) for every event with id > after, ("job", body) whenever the job
+        """("event", e) for every event numbered > after, ("job", body) whenever the job
         changes, ("keepalive", None) on silence; ends after the job is finished and every
         event was sent."""
         watch = self._watch(job_id)

@@ -122,7 +122,7 @@ def check_corpus_fills(
     if isinstance(corpus, Path):
         path, what = corpus, "the uploaded corpus"
     else:
-        path, what = resolve_stored(settings, corpus.storage_path), f"corpus {corpus.id}"
+        path, what = resolve_stored(settings, corpus.storage_path), f"corpus {corpus.public_id}"
     measure = preflight.measure_corpus(
         path,
         tokenizer,
@@ -175,11 +175,13 @@ def build_lineage(
     base = preflight.base_config(str(info.path), allow_hub=settings.allow_hub)
     preflight.check_against_base(settings, config, body.base_model, base)
     quotas.check_job_tokens(settings, quotas.job_tokens(config))
+    general_id: int | None = None
     if body.general_corpus_id is not None:
         with (reads or same_session(session))() as read:
             general = owned_corpus(read, body.general_corpus_id, owner)
             check_corpus_fills(settings, general, config, info, field="general_corpus_id", need=1)
-        owned_corpus(session, body.general_corpus_id, owner)  # still yours, in this transaction
+        # still yours, in this transaction
+        general_id = owned_corpus(session, body.general_corpus_id, owner).id
     lineage = Lineage(
         owner=owner,
         name=body.name,
@@ -188,7 +190,7 @@ def build_lineage(
         objective=info.objective,
         strategy=body.strategy,
         hyperparameters=hyper,
-        general_corpus_id=body.general_corpus_id,
+        general_corpus_id=general_id,
     )
     session.add(lineage)
     session.flush()

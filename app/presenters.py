@@ -1,4 +1,6 @@
-"""Database rows -> response bodies."""
+"""Database rows -> response bodies. Every id shown is a public one (``lin_…``, ``job_…``,
+``cor_…``) or a number within its parent (a stage's position, an event's ``seq``); integer
+row ids never leave the server."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from service_core.settings import Settings
 
 def corpus_out(corpus: Corpus) -> CorpusOut:
     return CorpusOut(
-        id=corpus.id,
+        id=corpus.public_id,
         filename=corpus.filename,
         format=corpus.format,
         compressed=corpus.compressed,
@@ -30,8 +32,8 @@ def corpus_out(corpus: Corpus) -> CorpusOut:
 
 def job_out(job: Job, stage: Stage) -> JobOut:
     return JobOut(
-        id=job.id,
-        lineage_id=job.lineage_id,
+        id=job.public_id,
+        lineage_id=job.lineage_public_id,
         stage_position=stage.position,
         domain=stage.name,
         status=job.status,
@@ -60,8 +62,8 @@ def event_out(event: JobEvent, settings: Settings | None = None) -> JobEventOut:
     if event.type == "traceback":
         message = "the details of this error are in the server log"
     return JobEventOut(
-        id=event.id,
-        job_id=event.job_id,
+        id=event.seq,
+        job_id=event.job_public_id,
         created_at=event.created_at,
         level=event.level,
         type=event.type,
@@ -76,10 +78,10 @@ def stage_out(stage: Stage) -> StageOut:
         position=stage.position,
         name=stage.name,
         status=job.status,
-        corpus_id=stage.corpus_id,
-        eval_corpus_id=stage.eval_corpus_id,
-        end_task_corpus_id=stage.end_task_corpus_id,
-        job_id=job.id,
+        corpus_id=stage.corpus_public_id,
+        eval_corpus_id=stage.eval_corpus_public_id,
+        end_task_corpus_id=stage.end_task_corpus_public_id,
+        job_id=job.public_id,
         steps=stage.steps,
         trained_tokens=stage.trained_tokens,
         checkpoint_available=job.status == JOB_SUCCEEDED,
@@ -90,17 +92,17 @@ def stage_out(stage: Stage) -> StageOut:
 
 def lineage_out(lineage: Lineage) -> LineageOut:
     return LineageOut(
-        id=lineage.id,
+        id=lineage.public_id,
         name=lineage.name,
         base_model=lineage.base_model,
         architecture=lineage.architecture,
         objective=lineage.objective,
         strategy=lineage.strategy,
         hyperparameters=lineage.hyperparameters,
-        general_corpus_id=lineage.general_corpus_id,
+        general_corpus_id=lineage.general_corpus_public_id,
         created_at=lineage.created_at,
         stages=[stage_out(s) for s in lineage.stages],
-        forked_from_id=lineage.forked_from_id,
+        forked_from_id=lineage.forked_from_public_id,
         forked_from_position=lineage.forked_from_position,
     )
 

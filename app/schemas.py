@@ -16,6 +16,11 @@ T = TypeVar("T")
 StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
 
 DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# ids are opaque strings with a type prefix (service_core.public_ids); a longer one is no id
+ID_MAX = 64
+CORPUS_EXAMPLE = "cor_8yQe2kTnV4xWb7LmA0sZ"
+LINEAGE_EXAMPLE = "lin_3hGk9PqRt2VwXy5ZaB1c"
+JOB_EXAMPLE = "job_Q7mN4pLs2XcV9bKd1FhJ"
 
 
 def _storable(value: str) -> str:
@@ -69,7 +74,7 @@ class BaseModelOut(BaseModel):
 
 
 class CorpusOut(BaseModel):
-    id: int = Field(description="the corpus id")
+    id: str = Field(description="the corpus id (`cor_…`)", examples=[CORPUS_EXAMPLE])
     filename: str = Field(description="the client's file name, for display only")
     format: str = Field(description="`txt` or `jsonl`")
     compressed: bool = Field(description="the upload was gzip")
@@ -118,10 +123,11 @@ class LineageCreate(BaseModel):
         description="training settings; checked against the base model (`block_size` within "
         "its positions) and the server's quotas",
     )
-    general_corpus_id: int | None = Field(
+    general_corpus_id: str | None = Field(
         None,
-        description="one of your corpora: a general-domain text on which every stage's "
-        "forgetting is measured",
+        max_length=ID_MAX,
+        description="one of your corpora (its `cor_…` id): a general-domain text on which "
+        "every stage's forgetting is measured",
     )
 
 
@@ -137,8 +143,8 @@ class JobError(BaseModel):
 
 
 class JobOut(BaseModel):
-    id: int = Field(description="the job id")
-    lineage_id: int = Field(description="its lineage")
+    id: str = Field(description="the job id (`job_…`)", examples=[JOB_EXAMPLE])
+    lineage_id: str = Field(description="its lineage (`lin_…`)", examples=[LINEAGE_EXAMPLE])
     stage_position: int = Field(description="the position of its stage in the lineage (from 1)")
     domain: str = Field(description="its stage's domain name")
     status: Literal[
@@ -173,12 +179,12 @@ class StageOut(BaseModel):
     position: int = Field(description="order in the lineage, from 1")
     name: str = Field(description="the domain name")
     status: str = Field(description="its job's status")
-    corpus_id: int = Field(description="the domain corpus")
-    eval_corpus_id: int | None = Field(description="a separate evaluation corpus, if any")
-    end_task_corpus_id: int | None = Field(
+    corpus_id: str = Field(description="the domain corpus (`cor_…`)")
+    eval_corpus_id: str | None = Field(description="a separate evaluation corpus, if any")
+    end_task_corpus_id: str | None = Field(
         None, description="the labelled set (purpose `end_task`) this domain is probed on"
     )
-    job_id: int = Field(description="the job training it")
+    job_id: str = Field(description="the job training it (`job_…`)")
     steps: int | None = Field(description="training steps, once trained")
     trained_tokens: int | None = Field(description="tokens trained on, once trained")
     checkpoint_available: bool = Field(description="its checkpoint can be downloaded")
@@ -187,17 +193,17 @@ class StageOut(BaseModel):
 
 
 class LineageOut(BaseModel):
-    id: int = Field(description="the lineage id")
+    id: str = Field(description="the lineage id (`lin_…`)", examples=[LINEAGE_EXAMPLE])
     name: str = Field(description="its name")
     base_model: str = Field(description="the base model id")
     architecture: str = Field(description="the base's Hugging Face `model_type`")
     objective: str = Field(description="`mlm` or `clm`")
     strategy: str = Field(description="the continual-learning method")
     hyperparameters: dict[str, Any] = Field(description="the hyper-parameters given")
-    general_corpus_id: int | None = Field(description="the general corpus, if any")
+    general_corpus_id: str | None = Field(description="the general corpus, if any")
     created_at: datetime = Field(description="creation time (UTC)")
     stages: list[StageOut] = Field(description="its stages, in order")
-    forked_from_id: int | None = Field(
+    forked_from_id: str | None = Field(
         None, description="a fork's parent lineage (POST .../fork); else null"
     )
     forked_from_position: int | None = Field(
@@ -207,23 +213,28 @@ class LineageOut(BaseModel):
 
 class DomainCreate(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"corpus_id": 1, "name": "news"}]}
+        extra="forbid",
+        json_schema_extra={"examples": [{"corpus_id": CORPUS_EXAMPLE, "name": "news"}]},
     )
 
-    corpus_id: int = Field(
-        description="one of your corpora: at the lineage's `block_size` it must fill at least "
-        "two chunks (one to train on, one held out)"
+    corpus_id: str = Field(
+        max_length=ID_MAX,
+        description="one of your corpora (its `cor_…` id): at the lineage's `block_size` it "
+        "must fill at least two chunks (one to train on, one held out)",
     )
     name: str = Field(
         pattern=DOMAIN_NAME_PATTERN,
         description="the domain name, unique among the lineage's live stages: 1 to 64 of "
         "`[A-Za-z0-9_.-]`, starting with a letter or digit",
     )
-    eval_corpus_id: int | None = Field(
-        None, description="one of your corpora to evaluate on instead of a held-out split"
-    )
-    end_task_corpus_id: int | None = Field(
+    eval_corpus_id: str | None = Field(
         None,
+        max_length=ID_MAX,
+        description="one of your corpora to evaluate on instead of a held-out split",
+    )
+    end_task_corpus_id: str | None = Field(
+        None,
+        max_length=ID_MAX,
         description="one of your labelled sets (POST /v1/corpora with `purpose=end_task`): "
         "after this and every later stage the model is probed on it (accuracy, macro-F1)",
     )
@@ -232,8 +243,9 @@ class DomainCreate(BaseModel):
 class EndTaskAttach(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    end_task_corpus_id: int = Field(
-        description="one of your labelled sets (purpose `end_task`) to probe this domain on"
+    end_task_corpus_id: str = Field(
+        max_length=ID_MAX,
+        description="one of your labelled sets (purpose `end_task`) to probe this domain on",
     )
 
 
@@ -267,8 +279,11 @@ class DomainAccepted(BaseModel):
 
 
 class JobEventOut(BaseModel):
-    id: int = Field(description="the event id (use as the `after` cursor)")
-    job_id: int = Field(description="its job")
+    id: int = Field(
+        description="the event's number within its job (1, 2, ...): the `after` cursor and "
+        "the server-sent event id"
+    )
+    job_id: str = Field(description="its job (`job_…`)")
     created_at: datetime = Field(description="when it happened (UTC)")
     level: Literal["debug", "info", "warning", "error"] = Field(description="severity")
     type: str = Field(description="`queued`, `claimed`, `progress`, `succeeded`, ...")
@@ -277,7 +292,7 @@ class JobEventOut(BaseModel):
 
 
 class MetricsOut(BaseModel):
-    lineage_id: int = Field(description="the lineage")
+    lineage_id: str = Field(description="the lineage (`lin_…`)")
     domains: list[str] = Field(description="trained domains, in order")
     loss_matrix: list[list[float | None]] = Field(
         description="row i: the model after stage i, column j: loss on domain j's held-out text"

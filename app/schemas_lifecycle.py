@@ -59,8 +59,8 @@ class CheckpointOut(BaseModel):
 
 
 class CheckpointList(BaseModel):
-    job_id: int
-    lineage_id: int
+    job_id: str = Field(description="the job (`job_…`)")
+    lineage_id: str = Field(description="its lineage (`lin_…`)")
     stage_position: int
     data: list[CheckpointOut]
 
@@ -76,8 +76,8 @@ class StepMetric(BaseModel):
 
 
 class JobMetricsOut(BaseModel):
-    job_id: int
-    lineage_id: int
+    job_id: str = Field(description="the job (`job_…`)")
+    lineage_id: str = Field(description="its lineage (`lin_…`)")
     stage_position: int
     domain: str
     status: str
@@ -92,7 +92,7 @@ class JobMetricsOut(BaseModel):
 
 
 class ApiKeyOut(BaseModel):
-    id: int
+    id: str = Field(description="the key's id (`key_…`), for revoke and rotate")
     prefix: str
     created_at: datetime
     revoked_at: datetime | None

@@ -63,13 +63,13 @@ def record_success(ctx: RunContext, lineage: Any, result: Any) -> None:
                 job.id,
                 "result",
                 "stage result",
-                data=ctx._clean(_result_data(result, job.lineage_id, stage.position)),
+                data=ctx._clean(_result_data(result, job.lineage_public_id, stage.position)),
             )
 
     with_db_retry(record, f"job {ctx.claim.job_id}: record the result")
 
 
-def _result_data(result: Any, lineage_id: int, position: int) -> dict:
+def _result_data(result: Any, lineage_id: str, position: int) -> dict:
     """The engine's stage result as users see it: where to download the stage, not where
     the server keeps it."""
     data = {k: v for k, v in result.to_dict().items() if k not in ("model_dir", "importance_dir")}

@@ -25,7 +25,7 @@ IMPORTANCE_PATH = "/{lineage_id}/stages/{position}/importance"
 
 
 def succeeded_stage(
-    lineage_id: int,
+    lineage_id: str,
     position: int,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
@@ -119,7 +119,7 @@ def checkpoint_plan(request: Request, session: Session, stage: Stage) -> tuple[T
     root = resolve_stored(request.app.state.settings, checkpoint.path) if checkpoint else None
     if root is None or not root.is_dir():
         raise _missing_artifact("checkpoint")
-    top = f"lineage-{stage.lineage_id}-stage-{stage.position}-{stage.name}"
+    top = f"lineage-{stage.lineage_public_id}-stage-{stage.position}-{stage.name}"
     return TarPlan.of_directory(root, top), top
 
 
@@ -132,7 +132,7 @@ def importance_plan(request: Request, session: Session, stage: Stage) -> tuple[T
     files: list[Path] = [resolve_stored(request.app.state.settings, s.path) for s in snapshots]
     if not files or not all(f.is_file() for f in files):
         raise _missing_artifact("importance")
-    top = f"lineage-{stage.lineage_id}-stage-{stage.position}-{stage.name}-importance"
+    top = f"lineage-{stage.lineage_public_id}-stage-{stage.position}-{stage.name}-importance"
     return TarPlan.of_files(files, top), top
 
 

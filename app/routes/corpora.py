@@ -15,7 +15,7 @@ from app.idempotency import HEADER, idempotency_header
 from app.labelled_sets import check_purpose, labelled_row, validate_labelled
 from app.presenters import corpus_out, json_ok
 from app.problems import Problem
-from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_corpus, paginate
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, cursor_query, owned_corpus, paginate
 from app.ratelimit import write_access
 from app.schemas import CorpusOut, Page
 from app.storable import encode_json
@@ -118,16 +118,14 @@ def _storage_left(request: Request, owner: str) -> None:
 
 @router.get("", response_model=Page[CorpusOut], summary="List your corpora")
 def list_corpora(
-    after: str | None = Query(
-        None, max_length=18, pattern=r"^[0-9]*$", description="`next_after` of the previous page"
-    ),
+    after: str | None = cursor_query(),
     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="items per page"),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
     """Your corpora, oldest first, each with its validation report."""
     stmt = select(Corpus).where(Corpus.owner == principal.owner, Corpus.deleted_at.is_(None))
-    rows, has_more, cursor = paginate(session, stmt, Corpus.id, after, limit)
+    rows, has_more, cursor = paginate(session, stmt, Corpus, after, limit, principal.owner)
     return json_ok(
         Page[CorpusOut](data=[corpus_out(c) for c in rows], has_more=has_more, next_after=cursor)
     )
@@ -135,7 +133,7 @@ def list_corpora(
 
 @router.get("/{corpus_id}", response_model=CorpusOut, summary="A corpus and its report")
 def get_corpus(
-    corpus_id: int,
+    corpus_id: str,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:

@@ -26,7 +26,7 @@ router = APIRouter(tags=["lifecycle"])
     "trained a stage yet. Finished stages keep naming it; the corpus itself answers 404.",
 )
 def remove_corpus(
-    corpus_id: int, request: Request, principal: Principal = Depends(write_access)
+    corpus_id: str, request: Request, principal: Principal = Depends(write_access)
 ) -> Response:
     settings = request.app.state.settings
     with request.app.state.session_factory() as session, session.begin():
@@ -45,7 +45,7 @@ def remove_corpus(
     "files go once its worker stopped. The lineage answers 404 from then on.",
 )
 def remove_lineage(
-    lineage_id: int,
+    lineage_id: str,
     request: Request,
     force: bool = Query(
         False, description="cancel a training stage; its files go once its worker stopped"
@@ -55,9 +55,11 @@ def remove_lineage(
     settings = request.app.state.settings
     factory = request.app.state.session_factory
     with factory() as session, session.begin():
-        delete_lineage(session, owned_lineage(session, lineage_id, principal.owner), force=force)
-        jobs = session.scalars(select(Job.id).where(Job.lineage_id == lineage_id)).all()
+        lineage = owned_lineage(session, lineage_id, principal.owner)
+        delete_lineage(session, lineage, force=force)
+        row_id = lineage.id
+        jobs = session.scalars(select(Job.public_id).where(Job.lineage_id == row_id)).all()
     for job_id in jobs:  # this process's conditional reads answer 404 at once (read-your-writes)
         request.app.state.job_watcher.forget(job_id)
-    purge_lineage(settings, factory, lineage_id)  # does nothing while a job still trains
+    purge_lineage(settings, factory, row_id)  # does nothing while a job still trains
     return Response(status_code=204)

@@ -74,14 +74,14 @@ DOMAIN_BODY = {
                             "description": "the domain name (see the JSON body's `name`)",
                         },
                         "eval_corpus_id": {
-                            "type": "integer",
-                            "description": "one of your corpora to evaluate on instead of a "
-                            "held-out split",
+                            "type": "string",
+                            "description": "one of your corpora (`cor_…`) to evaluate on "
+                            "instead of a held-out split",
                         },
                         "end_task_corpus_id": {
-                            "type": "integer",
-                            "description": "one of your labelled sets (purpose `end_task`) "
-                            "to probe this and every later stage on",
+                            "type": "string",
+                            "description": "one of your labelled sets (`cor_…`, purpose "
+                            "`end_task`) to probe this and every later stage on",
                         },
                     },
                 }
@@ -99,7 +99,7 @@ def _check_domain_name_free(session: Session, lineage: Lineage, name: str) -> No
         raise Problem(
             409,
             "domain_exists",
-            f"lineage {lineage.id} already has a domain named {name!r}",
+            f"lineage {lineage.public_id} already has a domain named {name!r}",
         )
 
 
@@ -107,11 +107,11 @@ def preflight_domain(
     settings: Settings,
     session: Session,
     owner: str,
-    lineage_id: int,
+    lineage_id: str,
     name: str,
     corpus: Corpus | Path,
     corpus_characters: int,
-    eval_corpus_id: int | None,
+    eval_corpus_id: str | None,
     *,
     corpus_field: str = "corpus_id",
 ) -> None:
@@ -120,9 +120,11 @@ def preflight_domain(
     the corpus fills the chunks the engine needs at the lineage's block size, and the job
     stays within the token quota. ``add_domain`` checks the cheap ones again, atomically."""
     lineage = owned_lineage(session, lineage_id, owner)
-    eval_corpus = owned_corpus(session, eval_corpus_id, owner) if eval_corpus_id else None
+    eval_corpus = (
+        owned_corpus(session, eval_corpus_id, owner) if eval_corpus_id is not None else None
+    )
     if isinstance(corpus, Corpus) and corpus.status != "ready":
-        raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
+        raise Problem(422, "corpus_not_ready", f"corpus {corpus.public_id} is not ready")
     _check_domain_name_free(session, lineage, name)
     quotas.check_active_jobs(settings, session, owner, adding=1)
     config = training_config(lineage.hyperparameters, lineage.strategy)
@@ -138,7 +140,7 @@ def preflight_domain(
         quotas.check_job_tokens(settings, tokens)
 
 
-def owned_labelled_set(session: Session, corpus_id: int, owner: str, field: str) -> Corpus:
+def owned_labelled_set(session: Session, corpus_id: str, owner: str, field: str) -> Corpus:
     """One of the owner's corpora of purpose ``end_task`` (404 if foreign, 422 if not one)."""
     corpus = owned_corpus(session, corpus_id, owner)
     if corpus.purpose != "end_task":
@@ -154,24 +156,28 @@ def owned_labelled_set(session: Session, corpus_id: int, owner: str, field: str)
 def add_domain(
     session: Session,
     owner: str,
-    lineage_id: int,
+    lineage_id: str,
     corpus: Corpus,
     name: str,
-    eval_corpus_id: int | None,
+    eval_corpus_id: str | None,
     *,
     settings: Settings | None = None,
-    end_task_corpus_id: int | None = None,
+    end_task_corpus_id: str | None = None,
 ) -> tuple[Stage, Job]:
     """Create the next stage and its queued job (the caller commits, then enqueues). With
     ``settings``, the owner's quota of unfinished jobs applies (counted under the owner's
     lock, in this transaction); the caller ran ``preflight_domain`` before."""
     lineage = owned_lineage(session, lineage_id, owner)
-    if eval_corpus_id is not None:
-        owned_corpus(session, eval_corpus_id, owner)
-    if end_task_corpus_id is not None:
+    eval_corpus = (
+        owned_corpus(session, eval_corpus_id, owner) if eval_corpus_id is not None else None
+    )
+    labelled = (
         owned_labelled_set(session, end_task_corpus_id, owner, "end_task_corpus_id")
+        if end_task_corpus_id is not None
+        else None
+    )
     if corpus.status != "ready":
-        raise Problem(422, "corpus_not_ready", f"corpus {corpus.id} is not ready")
+        raise Problem(422, "corpus_not_ready", f"corpus {corpus.public_id} is not ready")
     _check_domain_name_free(session, lineage, name)
     if settings is not None:
         quotas.lock_owner(session, owner)
@@ -185,8 +191,8 @@ def add_domain(
         name=name,
         active_name=name,
         corpus_id=corpus.id,
-        eval_corpus_id=eval_corpus_id,
-        end_task_corpus_id=end_task_corpus_id,
+        eval_corpus_id=eval_corpus.id if eval_corpus else None,
+        end_task_corpus_id=labelled.id if labelled else None,
     )
     session.add(stage)
     session.flush()
@@ -198,7 +204,7 @@ def add_domain(
         job.id,
         "queued",
         f"stage {position} ({name}) queued",
-        data={"corpus_id": corpus.id, "position": position},
+        data={"corpus_id": corpus.public_id, "position": position},
     )
     session.flush()
     session.refresh(stage)
@@ -250,7 +256,7 @@ def _accepted(request: Request, stage: Stage, job: Job) -> dict:
     openapi_extra=DOMAIN_BODY,
 )
 async def post_domain(
-    lineage_id: int, request: Request, principal: Principal = Depends(write_access)
+    lineage_id: str, request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
     """Add a domain: creates the lineage's next stage and its job (202). Send JSON naming one of
     your corpora, or multipart with the file itself. Checked in the request (pre-flight), so a
@@ -378,7 +384,7 @@ async def _small_body(request: Request, limit: int) -> bytes:
 
 def _domain_fields(fields: dict[str, str]) -> DomainCreate:
     extra = set(fields) - {"name", "eval_corpus_id", "end_task_corpus_id"}
-    data: dict[str, Any] = {"corpus_id": 0, "name": fields.get("name")}
+    data: dict[str, Any] = {"corpus_id": "", "name": fields.get("name")}
     for key in ("eval_corpus_id", "end_task_corpus_id"):
         if fields.get(key):
             data[key] = fields[key]
@@ -412,7 +418,7 @@ def _domain_fields(fields: dict[str, str]) -> DomainCreate:
     summary="Attach a labelled set to a domain (end-task evaluation)",
 )
 def attach_end_task(
-    lineage_id: int,
+    lineage_id: str,
     position: int,
     body: EndTaskAttach,
     principal: Principal = Depends(write_access),
@@ -425,8 +431,10 @@ def attach_end_task(
     stage = next((s for s in lineage.stages if s.position == position), None)
     if stage is None:
         raise Problem(404, "stage_not_found", f"lineage {lineage_id} has no stage {position}")
-    owned_labelled_set(session, body.end_task_corpus_id, principal.owner, "end_task_corpus_id")
-    stage.end_task_corpus_id = body.end_task_corpus_id
+    labelled = owned_labelled_set(
+        session, body.end_task_corpus_id, principal.owner, "end_task_corpus_id"
+    )
+    stage.end_task_corpus_id = labelled.id
     session.commit()
     session.refresh(stage)
     return json_ok(stage_out(stage))

@@ -52,6 +52,7 @@ _JOB_COPIED += ("finished_at", "attempts")
 @dataclass
 class _Plan:
     parent_id: int
+    parent_public_id: str  # what messages and events name
     position: int  # the parent's stage branched after (API numbering)
     upto: int  # how many engine stages are copied
     stage_ids: list[int] = field(default_factory=list)
@@ -67,12 +68,12 @@ def _pick_stage(parent: Lineage, body: ForkCreate) -> Stage:
     raise Problem(
         404,
         "stage_not_found",
-        f"lineage {parent.id} has no succeeded stage {body.from_stage!r}",
+        f"lineage {parent.public_id} has no succeeded stage {body.from_stage!r}",
         errors=[{"field": "from_stage", "message": "no such stage"}],
     )
 
 
-def plan_fork(session: Session, owner: str, lineage_id: int, body: ForkCreate) -> _Plan:
+def plan_fork(session: Session, owner: str, lineage_id: str, body: ForkCreate) -> _Plan:
     parent = owned_lineage(session, lineage_id, owner)
     stage = _pick_stage(parent, body)
     if stage.job.status != JOB_SUCCEEDED:
@@ -98,7 +99,7 @@ def plan_fork(session: Session, owner: str, lineage_id: int, body: ForkCreate) -
         raise Problem(
             409, "lineage_inconsistent", f"lineage {lineage_id}'s stages disagree with its files"
         )
-    return _Plan(parent.id, stage.position, upto, [s.id for s in copied])
+    return _Plan(parent.id, parent.public_id, stage.position, upto, [s.id for s in copied])
 
 
 def copy_files(settings: Settings, plan: _Plan, names: list[str]) -> Path:
@@ -114,7 +115,7 @@ def copy_files(settings: Settings, plan: _Plan, names: list[str]) -> Path:
     except (DasError, FileNotFoundError) as exc:  # gone (deleted meanwhile, or lost)
         shutil.rmtree(hidden, ignore_errors=True)
         raise Problem(
-            410, "artifact_missing", f"lineage {plan.parent_id}'s files cannot be forked"
+            410, "artifact_missing", f"lineage {plan.parent_public_id}'s files cannot be forked"
         ) from exc
     except BaseException:
         shutil.rmtree(hidden, ignore_errors=True)
@@ -124,7 +125,7 @@ def copy_files(settings: Settings, plan: _Plan, names: list[str]) -> Path:
         raise Problem(
             409,
             "lineage_inconsistent",
-            f"lineage {plan.parent_id}'s stages disagree with its files",
+            f"lineage {plan.parent_public_id}'s stages disagree with its files",
         )
     return hidden
 
@@ -175,11 +176,13 @@ def _copy_rows(session: Session, plan: _Plan, child: Lineage, paths: _Paths) -> 
         session.add(job)
         session.flush()
         for event in session.scalars(
-            select(JobEvent).where(JobEvent.job_id == old_job.id).order_by(JobEvent.id)
+            select(JobEvent).where(JobEvent.job_id == old_job.id).order_by(JobEvent.seq)
         ):
+            job.last_event_seq = event.seq  # the copy keeps the numbers: add_event goes on
             session.add(
                 JobEvent(
                     job_id=job.id,
+                    seq=event.seq,
                     created_at=event.created_at,
                     level=event.level,
                     type=event.type,
@@ -187,12 +190,14 @@ def _copy_rows(session: Session, plan: _Plan, child: Lineage, paths: _Paths) -> 
                     data=event.data,
                 )
             )
+        session.flush()
         add_event(
             session,
             job.id,
             "forked",
-            f"copied from job {old_job.id} (lineage {plan.parent_id}, stage {old.position})",
-            data={"from_lineage_id": plan.parent_id, "from_job_id": old_job.id},
+            f"copied from job {old_job.public_id} (lineage {plan.parent_public_id}, "
+            f"stage {old.position})",
+            data={"from_lineage_id": plan.parent_public_id, "from_job_id": old_job.public_id},
         )
         for cp in session.scalars(select(Checkpoint).where(Checkpoint.stage_id == old.id)):
             path = paths(cp.path)
@@ -227,7 +232,7 @@ def create_fork(
     factory: Any,
     read_factory: Any,
     owner: str,
-    lineage_id: int,
+    lineage_id: str,
     body: ForkCreate,
 ) -> dict[str, Any]:
     with read_factory() as session:
@@ -278,7 +283,7 @@ def create_fork(
     "is a 422 `checkpoint_not_supported`.",
 )
 def fork_lineage(
-    lineage_id: int,
+    lineage_id: str,
     body: ForkCreate,
     request: Request,
     principal: Principal = Depends(write_access),

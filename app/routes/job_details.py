@@ -14,7 +14,14 @@ from sqlalchemy.orm import Session
 from app.auth import Principal, authenticate, get_session
 from app.presenters import job_out, json_ok
 from app.problems import Problem
-from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, owned_lineage, parse_after
+from app.queries import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    cursor_query,
+    owned_job,
+    owned_lineage,
+    parse_after,
+)
 from app.schemas import JobOut, Page
 from app.schemas_lifecycle import CheckpointList, CheckpointOut, JobMetricsOut, StepMetric
 from service_core.models import (
@@ -60,10 +67,8 @@ def list_jobs(
     status: str | None = Query(
         None, max_length=200, description="one status or several, comma-separated"
     ),
-    lineage_id: int | None = Query(None, description="only this lineage's jobs"),
-    after: str | None = Query(
-        None, max_length=18, pattern=r"^[0-9]*$", description="cursor: `next_after` of a page"
-    ),
+    lineage_id: str | None = Query(None, description="only this lineage's jobs (`lin_…`)"),
+    after: str | None = cursor_query(),
     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="page size"),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
@@ -79,7 +84,8 @@ def list_jobs(
         stmt = stmt.where(Job.lineage_id == owned_lineage(session, lineage_id, principal.owner).id)
     if statuses:
         stmt = stmt.where(Job.status.in_(statuses))
-    stmt = stmt.where(Job.id > parse_after(after)).order_by(Job.id).limit(limit + 1)
+    start = parse_after(session, Job, after, principal.owner)
+    stmt = stmt.where(Job.id > start).order_by(Job.id).limit(limit + 1)
     rows = session.execute(stmt).all()
     has_more = len(rows) > limit
     rows = rows[:limit]
@@ -87,7 +93,7 @@ def list_jobs(
         Page[JobOut](
             data=[job_out(job, stage) for job, stage in rows],
             has_more=has_more,
-            next_after=str(rows[-1][0].id) if has_more and rows else None,
+            next_after=rows[-1][0].public_id if has_more and rows else None,
         )
     )
 
@@ -176,7 +182,8 @@ def list_checkpoints(
                 final=True,
                 available=available,
                 downloadable=available,
-                download_url=f"/v1/lineages/{stage.lineage_id}/stages/{stage.position}/checkpoint"
+                download_url=f"/v1/lineages/{stage.lineage_public_id}/stages/"
+                f"{stage.position}/checkpoint"
                 if available
                 else None,
                 created_at=final.created_at,
@@ -194,7 +201,7 @@ def list_checkpoints(
     "downloadable; the older ones are deleted as training goes).",
 )
 def get_checkpoints(
-    job_id: int,
+    job_id: str,
     request: Request,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
@@ -203,7 +210,10 @@ def get_checkpoints(
     data = list_checkpoints(request.app.state.settings, session, job, stage)
     return json_ok(
         CheckpointList(
-            job_id=job.id, lineage_id=job.lineage_id, stage_position=stage.position, data=data
+            job_id=job.public_id,
+            lineage_id=job.lineage_public_id,
+            stage_position=stage.position,
+            data=data,
         )
     )
 
@@ -221,7 +231,7 @@ def step_series(session: Session, job: Job) -> list[StepMetric]:
     events = session.scalars(
         select(JobEvent)
         .where(JobEvent.job_id == job.id, JobEvent.type.in_(("progress", "phase")))
-        .order_by(JobEvent.id)
+        .order_by(JobEvent.seq)
     ).all()
     by_step: dict[int, StepMetric] = {}
     for event in events:
@@ -257,7 +267,7 @@ def step_series(session: Session, job: Job) -> list[StepMetric]:
     "held-out losses once it has succeeded.",
 )
 def get_job_metrics(
-    job_id: int,
+    job_id: str,
     request: Request,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
@@ -270,8 +280,8 @@ def get_job_metrics(
     eval_losses = {d: v for d, v in losses.items() if d is not None}
     return json_ok(
         JobMetricsOut(
-            job_id=job.id,
-            lineage_id=job.lineage_id,
+            job_id=job.public_id,
+            lineage_id=job.lineage_public_id,
             stage_position=stage.position,
             domain=stage.name,
             status=job.status,

@@ -20,7 +20,7 @@ from app.idempotency import IdempotencyScope, idempotency_header, request_hash
 from app.job_watch import JobWatcher, etag_matches, events_etag, job_etag
 from app.presenters import event_out, job_out, json_ok
 from app.problems import Problem
-from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, paginate, parse_after
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, parse_seq
 from app.ratelimit import write_access
 from app.schemas import JobEventOut, JobOut, Page
 from service_core.lifecycle import request_cancel
@@ -64,7 +64,7 @@ def _tagged(body: JSONResponse, etag: str) -> JSONResponse:
     "`ETag`: send it back as `If-None-Match` to get `304` (no body) while nothing changed.",
 )
 def get_job(
-    job_id: int,
+    job_id: str,
     request: Request,
     if_none_match: str | None = Header(
         None, description="an `ETag` from an earlier answer: 304 if still current"
@@ -77,10 +77,15 @@ def get_job(
     etag = job_etag(body)
     if if_none_match is not None:
         # a poller: watch the job so its next conditional read skips the database
-        request.app.state.job_watcher.start_from_thread(job_id)
+        request.app.state.job_watcher.start_from_thread(job.public_id)
         if etag_matches(if_none_match, etag):
             return _not_modified(etag)
     return _tagged(JSONResponse(body), etag)
+
+
+def _newest_seq(session: Session, job_row_id: int) -> int:
+    """The number of the job's newest committed event (0: none yet)."""
+    return session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_row_id)) or 0
 
 
 def _sse(kind: str, payload: dict | None) -> bytes:
@@ -93,7 +98,7 @@ def _sse(kind: str, payload: dict | None) -> bytes:
 
 
 async def _stream(
-    watcher: JobWatcher, job_id: int, after: int, keepalive: float, max_seconds: float
+    watcher: JobWatcher, job_id: str, after: int, keepalive: float, max_seconds: float
 ) -> AsyncIterator[bytes]:
     """The stream ends with ``event: end`` once the job is finished; a stream still open
     after ``max_seconds`` is closed without it (EventSource then reconnects)."""
@@ -114,7 +119,8 @@ async def _stream(
     response_model=Page[JobEventOut],
     responses={**NOT_MODIFIED, **STREAM},
     summary="A job's event log, as pages or as a live stream",
-    description="Without `stream`: a page of events in id order after the cursor `after` "
+    description="Events are numbered 1, 2, ... within the job (`id`). Without `stream`: a "
+    "page of events in that order after the cursor `after` "
     "(with an `ETag`; `If-None-Match` gives `304` while no new event exists). With "
     "`stream=true`: `text/event-stream` (server-sent events) of every event after `after` "
     "(or the `Last-Event-ID` header), live, plus the job itself whenever it changes; the "
@@ -122,10 +128,10 @@ async def _stream(
     "reconnection to a finished job with nothing new answers 204, which stops EventSource.",
 )
 def list_events(
-    job_id: int,
+    job_id: str,
     request: Request,
     after: str | None = Query(
-        None, max_length=18, pattern=r"^[0-9]*$", description="cursor: events after this id"
+        None, max_length=18, pattern=r"^[0-9]*$", description="cursor: events after this number"
     ),
     limit: int = Query(
         DEFAULT_LIMIT * 5, ge=1, le=MAX_LIMIT * 5, description="page size (not for streams)"
@@ -143,10 +149,9 @@ def list_events(
     job, _ = owned_job(session, job_id, principal.owner)
     if stream:
         resume = last_event_id if last_event_id is not None else after
-        start = parse_after(resume.strip() if resume else None)
+        start = parse_seq(resume.strip() if resume else None)
         if last_event_id is not None and job.status in JOB_TERMINAL:
-            newest = session.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id == job.id))
-            if start >= (newest or 0):
+            if start >= _newest_seq(session, job.id):
                 return Response(status_code=204)  # EventSource: do not reconnect
         settings = request.app.state.settings
         # the session's pooled connection goes back now, not when the stream ends: N open
@@ -155,7 +160,7 @@ def list_events(
         return StreamingResponse(
             _stream(
                 request.app.state.job_watcher,
-                job.id,
+                job.public_id,
                 start,
                 settings.stream_keepalive_seconds,
                 settings.stream_max_seconds,
@@ -163,14 +168,24 @@ def list_events(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    newest = session.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id == job.id)) or 0
-    etag = events_etag(job.id, newest, parse_after(after), limit)
+    newest = _newest_seq(session, job.id)
+    start = parse_seq(after)
+    etag = events_etag(job.public_id, newest, start, limit)
     if if_none_match is not None:
-        request.app.state.job_watcher.start_from_thread(job_id)
+        request.app.state.job_watcher.start_from_thread(job.public_id)
         if etag_matches(if_none_match, etag):
             return _not_modified(etag)
-    stmt = select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.id <= newest)
-    rows, has_more, cursor = paginate(session, stmt, JobEvent.id, after, limit)
+    rows = list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job.id, JobEvent.seq > start, JobEvent.seq <= newest)
+            .order_by(JobEvent.seq)
+            .limit(limit + 1)
+        )
+    )
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = str(rows[-1].seq) if has_more and rows else None
     return _tagged(
         json_ok(
             Page[JobEventOut](
@@ -191,7 +206,7 @@ def list_events(
     dependencies=[Depends(idempotency_header)],
 )
 def cancel_job(
-    job_id: int,
+    job_id: str,
     request: Request,
     principal: Principal = Depends(write_access),
 ) -> JSONResponse:
@@ -209,7 +224,7 @@ def cancel_job(
                 raise Problem(409, "job_finished", f"job {job_id} already {job.status}")
             request_cancel(session, job)
             session.flush()
-            request.app.state.job_watcher.forget(job_id)  # read-your-writes
+            request.app.state.job_watcher.forget(job.public_id)  # read-your-writes
             return job_out(job, stage).model_dump(mode="json")
 
     return scope.run(request_hash(scope.endpoint, None), 202, produce)

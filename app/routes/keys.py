@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal, authenticate, create_api_key, get_session, hash_key
 from app.presenters import json_ok
 from app.problems import Problem
-from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned, paginate
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, cursor_query, owned, paginate, shown
 from app.ratelimit import write_access
 from app.schemas import Page
 from app.schemas_lifecycle import ApiKeyCreated, ApiKeyOut, problem_responses
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
 
 def key_out(row: ApiKey) -> ApiKeyOut:
     return ApiKeyOut(
-        id=row.id, prefix=row.prefix, created_at=row.created_at, revoked_at=row.revoked_at
+        id=row.public_id, prefix=row.prefix, created_at=row.created_at, revoked_at=row.revoked_at
     )
 
 
@@ -41,15 +41,13 @@ def _new_key(session: Session, owner: str) -> dict:
     description="Your owner's keys, oldest first: id, prefix, created_at, revoked_at.",
 )
 def list_keys(
-    after: str | None = Query(
-        None, max_length=18, pattern=r"^[0-9]*$", description="cursor: `next_after` of a page"
-    ),
+    after: str | None = cursor_query(),
     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="page size"),
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
     stmt = select(ApiKey).where(ApiKey.owner == principal.owner)
-    rows, has_more, cursor = paginate(session, stmt, ApiKey.id, after, limit)
+    rows, has_more, cursor = paginate(session, stmt, ApiKey, after, limit, principal.owner)
     return json_ok(
         Page[ApiKeyOut](data=[key_out(r) for r in rows], has_more=has_more, next_after=cursor)
     )
@@ -77,7 +75,7 @@ def create_key(request: Request, principal: Principal = Depends(write_access)) -
     "(conditional reads in other API processes within `DAS_AUTH_CACHE_SECONDS`).",
 )
 def revoke_key(
-    key_id: int, request: Request, principal: Principal = Depends(write_access)
+    key_id: str, request: Request, principal: Principal = Depends(write_access)
 ) -> Response:
     with request.app.state.session_factory() as session, session.begin():
         row = owned(session, ApiKey, key_id, principal.owner, "api_key")
@@ -96,13 +94,13 @@ def revoke_key(
     "in the same transaction (409 `api_key_revoked` if it already was).",
 )
 def rotate_key(
-    key_id: int, request: Request, principal: Principal = Depends(write_access)
+    key_id: str, request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
     with request.app.state.session_factory() as session, session.begin():
         row = owned(session, ApiKey, key_id, principal.owner, "api_key")
         session.refresh(row, with_for_update=True)  # two rotations race: one wins
         if row.revoked_at is not None:
-            raise Problem(409, "api_key_revoked", f"API key {key_id} is already revoked")
+            raise Problem(409, "api_key_revoked", f"API key {shown(key_id)} is already revoked")
         row.revoked_at = utcnow()
         body = _new_key(session, principal.owner)
     request.app.state.key_cache.clear()  # this process's conditional reads re-verify keys

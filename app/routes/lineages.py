@@ -15,7 +15,7 @@ from app.lineage_building import (
     check_storable_hyperparameters,
 )
 from app.presenters import json_ok, lineage_out
-from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_lineage, paginate
+from app.queries import DEFAULT_LIMIT, MAX_LIMIT, cursor_query, owned_lineage, paginate
 from app.ratelimit import write_access
 from app.schemas import (
     LineageCreate,
@@ -28,9 +28,6 @@ from service_core.models import (
 )
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
-AFTER = Query(
-    None, max_length=18, pattern=r"^[0-9]*$", description="`next_after` of the previous page"
-)
 LIMIT = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="items per page")
 
 
@@ -74,14 +71,14 @@ def create_lineage(
 
 @router.get("", response_model=Page[LineageOut], summary="List your lineages")
 def list_lineages(
-    after: str | None = AFTER,
+    after: str | None = cursor_query(),
     limit: int = LIMIT,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
     """Your lineages, oldest first, each with its ordered stages."""
     stmt = select(Lineage).where(Lineage.owner == principal.owner, Lineage.deleted_at.is_(None))
-    rows, has_more, cursor = paginate(session, stmt, Lineage.id, after, limit)
+    rows, has_more, cursor = paginate(session, stmt, Lineage, after, limit, principal.owner)
     return json_ok(
         Page[LineageOut](data=[lineage_out(r) for r in rows], has_more=has_more, next_after=cursor)
     )
@@ -89,7 +86,7 @@ def list_lineages(
 
 @router.get("/{lineage_id}", response_model=LineageOut, summary="A lineage and its stages")
 def get_lineage(
-    lineage_id: int,
+    lineage_id: str,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:

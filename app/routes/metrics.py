@@ -107,7 +107,7 @@ def _without_non_finite(value: Any) -> Any:
 
 @router.get("/{lineage_id}/metrics", response_model=MetricsOut, summary="Forgetting metrics")
 def get_metrics(
-    lineage_id: int,
+    lineage_id: str,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
@@ -117,4 +117,4 @@ def get_metrics(
     after the base and every stage, with the same summary on those scores.
     """
     lineage = owned_lineage(session, lineage_id, principal.owner)
-    return json_ok(MetricsOut(lineage_id=lineage.id, **build_metrics(session, lineage)))
+    return json_ok(MetricsOut(lineage_id=lineage.public_id, **build_metrics(session, lineage)))
