@@ -40,25 +40,8 @@ def add_event(
     level: str = "info",
     data: dict[str, Any] | None = None,
 ) -> None:
-    """Append an event to the job's log, numbered after the job's newest one."""
-    seq = next_event_seq(session, job_id)
-    if seq is None:  # the job row is gone: nothing to log against
-        return
-    session.add(
-        JobEvent(job_id=job_id, seq=seq, type=type_, message=message, level=level, data=data or {})
-    )
-
-
-def next_event_seq(session: Session, job_id: int) -> int | None:
-    """The next number of the job's log (1, 2, ...): bumped on the job row, whose lock
-    orders concurrent writers (API and worker) until they commit. ``updated_at`` is kept:
-    an event alone does not change the job's representation."""
-    return session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(last_event_seq=Job.last_event_seq + 1, updated_at=Job.updated_at)
-        .returning(Job.last_event_seq)
-    ).scalar_one_or_none()
+    """Append an event to the job's log (numbered at insert: ``models.JobEvent.seq``)."""
+    session.add(JobEvent(job_id=job_id, type=type_, message=message, level=level, data=data or {}))
 
 
 def is_runnable(session: Session, job: Job) -> bool:

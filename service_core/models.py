@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
-from sqlalchemy.sql import select
+from sqlalchemy.sql import select, update
 from sqlalchemy.types import TypeDecorator
 
 from service_core import public_ids
@@ -214,6 +214,21 @@ class Job(Base):
     stage: Mapped[Stage] = relationship(back_populates="job")
 
 
+def next_event_seq(context: Any) -> int:
+    """The number of a new event within its job (1, 2, ...), the default of
+    ``JobEvent.seq``: bumped on the job row, whose lock orders concurrent writers (API and
+    worker) until they commit. ``updated_at`` is kept: an event alone does not change the
+    job's representation."""
+    jobs = Job.__table__
+    job_id = context.get_current_parameters()["job_id"]
+    return context.connection.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id)
+        .values(last_event_seq=jobs.c.last_event_seq + 1, updated_at=jobs.c.updated_at)
+        .returning(jobs.c.last_event_seq)
+    ).scalar_one()
+
+
 class JobEvent(Base):
     """One entry of a job's log. Users see ``seq`` (its number within the job) as the
     event's id, cursor and server-sent-event id, never the global row id."""
@@ -223,7 +238,7 @@ class JobEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
-    seq: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer, default=next_event_seq)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     level: Mapped[str] = mapped_column(String(8), default="info")
     type: Mapped[str] = mapped_column(String(32))

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service_core.lifecycle import (
@@ -93,6 +93,10 @@ class JobRunner:
         self.stopping.set()
 
     # -- claim ---------------------------------------------------------------------------
+    def _row_id(self, public_id: str) -> int | None:
+        with self.factory() as session:
+            return session.scalar(select(Job.id).where(Job.public_id == public_id))
+
     def claim(self, job_id: int) -> Claim | str:
         """The claim, or why the message is ignored."""
         return with_db_retry(lambda: self._claim(job_id), f"job {job_id}: claim")
@@ -165,7 +169,14 @@ class JobRunner:
         return Claim(job_id, token, attempt, job.lineage_id, float(job.progress or 0.0))
 
     # -- the run -------------------------------------------------------------------------
-    def run(self, job_id: int) -> str:
+    def run(self, job_id: int | str) -> str:
+        """Run one job: its row id (what queue messages carry) or the public id users see
+        (``job_…``, for an operator or a test driving the worker by hand)."""
+        if isinstance(job_id, str):
+            row_id = with_db_retry(lambda: self._row_id(job_id), f"job {job_id}: look up")
+            if row_id is None:
+                return "not_found"
+            job_id = row_id
         if self.stopping.is_set():
             # a message taken during the warm shutdown: leave the job as it is (queued, or
             # its lease); the sweep of the next worker start sends it again

@@ -18,7 +18,8 @@ import uvicorn
 
 from app.cli import KEEP_ALIVE_S
 from service_core.lifecycle import add_event
-from tests.service.conftest import add_domain, create_lineage
+from service_core.models import Job
+from tests.service.conftest import add_domain, by_public, create_lineage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -55,7 +56,13 @@ def test_two_hundred_concurrent_pollers_all_get_answers(api, client, alice):
     job_id = add_domain(client, alice, lineage, "news")
     with api.state.session_factory() as session, session.begin():
         for i in range(100):
-            add_event(session, job_id, "progress", f"step {i}", data={"step": i})
+            add_event(
+                session,
+                by_public(session, Job, job_id).id,
+                "progress",
+                f"step {i}",
+                data={"step": i},
+            )
     port = _free_port()
     server = uvicorn.Server(
         # the keep-alive time-out `das-service serve` uses: with uvicorn's 5 s, a poller whose

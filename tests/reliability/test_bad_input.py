@@ -33,6 +33,7 @@ from tests.reliability.backends import BACKENDS, api_on, reads_answer_200, store
 from tests.service.conftest import (
     TINY_HP,
     assert_problem,
+    by_public,
     corpus_text,
     create_lineage,
     new_owner,
@@ -262,7 +263,9 @@ def test_the_same_domain_submitted_concurrently_makes_one_stage(client, alice):
         if r.status_code == 409:
             assert_problem(r, 409)
     with client.app.state.session_factory() as session:
-        stages = session.scalars(select(Stage).where(Stage.lineage_id == lineage)).all()
+        stages = session.scalars(
+            select(Stage).where(Stage.lineage_id == by_public(session, Lineage, lineage).id)
+        ).all()
     assert [(s.position, s.name) for s in stages] == [(1, "news")]
 
 

@@ -21,8 +21,10 @@ from tests.service.conftest import (
     TINY_HP,
     add_domain,
     assert_problem,
+    by_public,
     corpus_text,
     new_owner,
+    row_id,
     service_stack,
     upload,
     wait_for,
@@ -110,13 +112,15 @@ def test_connections_dropped_during_a_job(postgres_url, redis_url, tmp_path):
         assert state["attempts"] == 1 + types.count("resumed")
         assert state["progress"] == 1.0 and state["step"] == 24
         with app.state.session_factory() as session:
-            row = session.get(Job, job_id)
+            row = by_public(session, Job, job_id)
             assert row.claim_token is None and row.lease_expires_at is None
             checkpoints = session.scalars(
                 select(Checkpoint).where(Checkpoint.stage_id == row.stage_id)
             ).all()
             assert len(checkpoints) == 1 and checkpoints[0].final
-            assert session.scalars(select(EvalScore).where(EvalScore.lineage_id == lineage)).all()
+            assert session.scalars(
+                select(EvalScore).where(EvalScore.lineage_id == row.lineage_id)
+            ).all()
         ckpt = client.get(f"/v1/lineages/{lineage}/stages/1/checkpoint", headers=owner.headers)
         assert ckpt.status_code == 200 and len(ckpt.content) > 10_000
         metrics = client.get(f"/v1/lineages/{lineage}/metrics", headers=owner.headers).json()
@@ -200,7 +204,7 @@ def test_every_database_step_of_the_worker_is_retried(tmp_path, monkeypatch, cap
         retried = " | ".join(r.getMessage() for r in caplog.records if "retrying" in r.getMessage())
         for step in ("claim", "load", "heartbeat", "record the result", "next stage", "mark sent"):
             assert step in retried, retried
-        assert recorder.sent[-1] == second  # sent despite the faults
+        assert recorder.sent[-1] == row_id(app, Job, second)  # sent despite the faults
         state = job(client, owner, first)
         assert state["status"] == "succeeded" and state["attempts"] == 1
         assert state["progress"] == 1.0 and state["step"] == 8

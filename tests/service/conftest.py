@@ -83,6 +83,40 @@ class EnqueueRecorder:
         return ids
 
 
+def by_public(session, model, public_id: str):  # noqa: ANN001, ANN201
+    """The row behind an id the API showed (tests reach rows by their public id)."""
+    from sqlalchemy import select
+
+    row = session.scalar(select(model).where(model.public_id == public_id))
+    assert row is not None, f"no {model.__name__} {public_id}"
+    return row
+
+
+def row_id(app, model, public_id: str) -> int:  # noqa: ANN001
+    """The integer row id behind a public id (what queue messages carry)."""
+    with app.state.session_factory() as session:
+        return by_public(session, model, public_id).id
+
+
+def lineage_path(settings: Settings, public_id: str) -> Path:
+    """The engine folder of the lineage the API showed as ``public_id`` (folders are named
+    by row id, which users never see)."""
+    from sqlalchemy import select
+
+    from service_core.db import make_engine
+    from service_core.models import Lineage
+    from service_core.storage import lineage_dir
+
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as connection:
+            row = connection.scalar(select(Lineage.id).where(Lineage.public_id == public_id))
+    finally:
+        engine.dispose()
+    assert row is not None, f"no lineage {public_id}"
+    return lineage_dir(settings, row)
+
+
 def make_settings(data_dir: Path, **overrides) -> Settings:
     base = {
         "data_dir": data_dir,
@@ -165,7 +199,7 @@ def create_lineage(client: TestClient, owner: Owner, **body):  # noqa: ANN201
     return client.post("/v1/lineages", headers=owner.headers, json=payload)
 
 
-def add_domain(client: TestClient, owner: Owner, lineage_id: int, domain: str, name=None) -> int:  # noqa: ANN001
+def add_domain(client: TestClient, owner: Owner, lineage_id: str, domain: str, name=None) -> str:  # noqa: ANN001
     """Upload ``domain``'s corpus (see :func:`corpus_text`) and add it to the lineage as
     ``name`` (default: the domain); returns the job id."""
     corpus = upload(client, owner, f"{domain}.txt", corpus_text(domain)).json()["id"]

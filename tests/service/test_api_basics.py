@@ -8,16 +8,17 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from tests.service.conftest import assert_problem, make_settings, new_owner
 
+LIN, COR, JOB = "lin_" + "A" * 20, "cor_" + "A" * 20, "job_" + "A" * 20  # well-formed, unknown
 V1_GETS = [
     "/v1/lineages",
-    "/v1/lineages/1",
-    "/v1/lineages/1/metrics",
-    "/v1/lineages/1/stages/1/checkpoint",
-    "/v1/lineages/1/stages/1/importance",
+    f"/v1/lineages/{LIN}",
+    f"/v1/lineages/{LIN}/metrics",
+    f"/v1/lineages/{LIN}/stages/1/checkpoint",
+    f"/v1/lineages/{LIN}/stages/1/importance",
     "/v1/corpora",
-    "/v1/corpora/1",
-    "/v1/jobs/1",
-    "/v1/jobs/1/events",
+    f"/v1/corpora/{COR}",
+    f"/v1/jobs/{JOB}",
+    f"/v1/jobs/{JOB}/events",
     "/v1/base-models",
 ]
 
@@ -96,16 +97,18 @@ def test_unknown_route_and_method_are_problems(client, alice):
 
 
 def test_path_parameter_validation_is_a_422_problem(client, alice):
-    body = assert_problem(client.get("/v1/jobs/abc", headers=alice.headers), 422)
-    assert body["errors"][0]["field"].endswith("job_id")
+    url = f"/v1/lineages/{LIN}/stages/abc/checkpoint"
+    body = assert_problem(client.get(url, headers=alice.headers), 422)
+    assert body["errors"][0]["field"].endswith("position")
     assert_problem(client.get("/v1/lineages?limit=0", headers=alice.headers), 422)
     assert_problem(client.get("/v1/lineages?limit=1000", headers=alice.headers), 422)
     assert_problem(client.get("/v1/lineages?after=xyz", headers=alice.headers), 422)
 
 
-def test_huge_ids_are_404_not_500(client, alice):
-    assert_problem(client.get(f"/v1/jobs/{2**70}", headers=alice.headers), 404)
+def test_huge_integer_and_malformed_ids_are_404_not_500(client, alice):
+    assert_problem(client.get(f"/v1/jobs/{2**70}", headers=alice.headers), 404, "job_not_found")
     assert_problem(client.get("/v1/lineages/-5", headers=alice.headers), 404)
+    assert_problem(client.get("/v1/jobs/abc", headers=alice.headers), 404, "job_not_found")
 
 
 def test_malformed_json_is_a_422_problem(client, alice):
@@ -131,7 +134,7 @@ def test_unexpected_errors_are_500_problems_without_details(api, client, alice, 
         raise RuntimeError("secret-internal-detail /etc/passwd")
 
     monkeypatch.setattr(jobs, "owned_job", boom)
-    response = client.get("/v1/jobs/1", headers=alice.headers)
+    response = client.get(f"/v1/jobs/{JOB}", headers=alice.headers)
     body = assert_problem(response, 500, "internal_error")
     assert "secret" not in response.text and "passwd" not in response.text
     assert body["detail"]

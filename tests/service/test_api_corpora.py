@@ -130,7 +130,7 @@ def test_odd_and_traversal_filenames_are_stored_safely(client, alice, settings, 
     from service_core.models import Corpus
 
     with client.app.state.session_factory() as session:
-        corpus = session.scalar(select(Corpus).where(Corpus.id == body["id"]))
+        corpus = session.scalar(select(Corpus).where(Corpus.public_id == body["id"]))
     stored = (settings.data_dir / corpus.storage_path).resolve()
     assert stored.is_relative_to(settings.uploads_dir.resolve())
     assert stored.read_bytes() == content

@@ -16,12 +16,15 @@ from hypothesis import strategies as st
 
 from service_core.models import Corpus, Job, JobEvent, Lineage, utcnow
 from service_core.purge import purge_deleted_lineages
-from service_core.storage import lineage_dir, remove_lineage_tree, resolve_stored
+from service_core.storage import remove_lineage_tree, resolve_stored
 from tests.service.conftest import (
     assert_problem,
+    by_public,
     corpus_text,
     create_lineage,
+    lineage_path,
     new_owner,
+    row_id,
     upload,
 )
 
@@ -50,14 +53,14 @@ def _domain(client, owner, lineage_id, corpus_id, name) -> dict:  # noqa: ANN001
 
 def _set_status(api, job_id: int, status: str) -> None:  # noqa: ANN001
     with api.state.session_factory() as session, session.begin():
-        job = session.get(Job, job_id)
+        job = by_public(session, Job, job_id)
         job.status = status
         if status == "running" and job.started_at is None:
             job.started_at = utcnow()
 
 
 def _fake_lineage_files(settings, lineage_id: int) -> None:  # noqa: ANN001
-    root = lineage_dir(settings, lineage_id)
+    root = lineage_path(settings, lineage_id)
     (root / "stages" / "001-news" / "model").mkdir(parents=True, exist_ok=True)
     (root / "stages" / "001-news" / "model" / "model.safetensors").write_bytes(b"x" * 64)
     (root / "importance").mkdir(exist_ok=True)
@@ -71,7 +74,7 @@ def _fake_lineage_files(settings, lineage_id: int) -> None:  # noqa: ANN001
 def test_delete_a_corpus_removes_its_file(api, client, alice, bob, settings):
     corpus = _corpus(client, alice)
     with api.state.session_factory() as session:
-        path = resolve_stored(settings, session.get(Corpus, corpus).storage_path)
+        path = resolve_stored(settings, by_public(session, Corpus, corpus).storage_path)
     assert path.is_file()
     assert_problem(client.delete(f"/v1/corpora/{corpus}", headers=bob.headers), 404)
     r = client.delete(f"/v1/corpora/{corpus}", headers=alice.headers)
@@ -132,8 +135,8 @@ def test_delete_a_lineage_cancels_queued_jobs_and_removes_only_its_files(
     assert_problem(client.delete(f"/v1/lineages/{lineage}", headers=bob.headers), 404)
     r = client.delete(f"/v1/lineages/{lineage}", headers=alice.headers)
     assert r.status_code == 204
-    assert not lineage_dir(settings, lineage).exists()
-    assert (lineage_dir(settings, neighbour) / "stages" / "001-news" / "model").is_dir()
+    assert not lineage_path(settings, lineage).exists()
+    assert (lineage_path(settings, neighbour) / "stages" / "001-news" / "model").is_dir()
     assert_problem(client.get(f"/v1/lineages/{lineage}", headers=alice.headers), 404)
     assert_problem(client.get(f"/v1/lineages/{lineage}/metrics", headers=alice.headers), 404)
     for job in jobs:
@@ -141,8 +144,8 @@ def test_delete_a_lineage_cancels_queued_jobs_and_removes_only_its_files(
     listed = [x["id"] for x in client.get("/v1/lineages", headers=alice.headers).json()["data"]]
     assert lineage not in listed and neighbour in listed
     with api.state.session_factory() as session:
-        assert {session.get(Job, j).status for j in jobs} == {"cancelled"}
-        assert session.get(Lineage, lineage).files_removed_at is not None
+        assert {by_public(session, Job, j).status for j in jobs} == {"cancelled"}
+        assert by_public(session, Lineage, lineage).files_removed_at is not None
     assert_problem(client.delete(f"/v1/lineages/{lineage}", headers=alice.headers), 404)
     # its corpus is free again: no unfinished stage uses it
     assert client.delete(f"/v1/corpora/{corpus}", headers=alice.headers).status_code == 204
@@ -163,15 +166,19 @@ def test_a_training_lineage_is_409_unless_forced(api, client, alice, settings):
     assert r.status_code == 204
     assert_problem(client.get(f"/v1/lineages/{lineage}", headers=alice.headers), 404)
     with api.state.session_factory() as session:
-        assert session.get(Job, running).status == "cancelling"
-        assert session.get(Job, queued).status == "cancelled"
+        assert by_public(session, Job, running).status == "cancelling"
+        assert by_public(session, Job, queued).status == "cancelled"
     # the worker has not stopped yet: the files stay, and a sweep leaves them too
-    assert lineage_dir(settings, lineage).is_dir()
-    assert lineage not in purge_deleted_lineages(settings, api.state.session_factory)
+    assert lineage_path(settings, lineage).is_dir()
+    assert row_id(api, Lineage, lineage) not in purge_deleted_lineages(
+        settings, api.state.session_factory
+    )
     # the worker records the cancel: the next sweep removes them
     _set_status(api, running, "cancelled")
-    assert lineage in purge_deleted_lineages(settings, api.state.session_factory)
-    assert not lineage_dir(settings, lineage).exists()
+    assert row_id(api, Lineage, lineage) in purge_deleted_lineages(
+        settings, api.state.session_factory
+    )
+    assert not lineage_path(settings, lineage).exists()
 
 
 def test_a_folder_locked_by_a_trainer_is_not_removed(tmp_path):
@@ -252,7 +259,7 @@ def test_step_checkpoints_of_a_training_job_are_listed(api, client, alice, bob, 
     job = _domain(client, alice, lineage, _corpus(client, alice), "news")["job"]["id"]
     assert client.get(f"/v1/jobs/{job}/checkpoints", headers=alice.headers).json()["data"] == []
     _set_status(api, job, "running")
-    partial = lineage_dir(settings, lineage) / "stages" / "001-news.partial"
+    partial = lineage_path(settings, lineage) / "stages" / "001-news.partial"
     for step in (4, 6):
         folder = partial / "checkpoints" / f"step-{step:08d}"
         folder.mkdir(parents=True)
@@ -274,13 +281,13 @@ def test_the_step_series_is_read_from_progress_events(api, client, alice, bob):
     job = _domain(client, alice, lineage, _corpus(client, alice), "news")["job"]["id"]
     start = utcnow() - timedelta(seconds=30)
     with api.state.session_factory() as session, session.begin():
-        row = session.get(Job, job)
+        row = by_public(session, Job, job)
         row.status, row.started_at = "running", start
 
         def event(seconds: float, type_: str, **data) -> None:  # noqa: ANN003
             session.add(
                 JobEvent(
-                    job_id=job,
+                    job_id=row.id,
                     type=type_,
                     created_at=start + timedelta(seconds=seconds),
                     data=data,
@@ -423,7 +430,7 @@ def test_conditional_reads_of_a_deleted_lineage_are_404(api, client):
     try:
         conditional = _watched(api, client, owner, job)
         with api.state.session_factory() as session, session.begin():
-            session.get(Lineage, other).deleted_at = utcnow()
+            by_public(session, Lineage, other).deleted_at = utcnow()
         assert _wait_until(
             lambda: client.get(f"/v1/jobs/{job}", headers=conditional).status_code == 404,
             timeout=30,

@@ -11,8 +11,10 @@ import json
 import pytest
 
 from das_engine.end_task import MIN_EXAMPLES, MIN_PER_CLASS
+from service_core.models import Job
 from tests.service.conftest import (
     assert_problem,
+    by_public,
     corpus_text,
     create_lineage,
     in_process_runner,
@@ -203,11 +205,14 @@ def test_a_probe_that_fails_is_a_warning_and_the_stage_still_succeeds(env):
     body = {"corpus_id": corpus, "name": "law", "end_task_corpus_id": task}
     job = client.post(f"/v1/lineages/{lineage}/domains", headers=owner.headers, json=body)
     with app.state.session_factory() as session:  # the stored file goes bad after the upload
-        resolve_stored(settings, session.get(Corpus, task).storage_path).write_text("{oops\n")
+        resolve_stored(settings, by_public(session, Corpus, task).storage_path).write_text(
+            "{oops\n"
+        )
     job_id = job.json()["job"]["id"]
     assert runner.run(job_id) == "succeeded"
     with app.state.session_factory() as session:
-        events = session.query(JobEvent).filter_by(job_id=job_id, type="end_task").all()
+        row = by_public(session, Job, job_id).id
+        events = session.query(JobEvent).filter_by(job_id=row, type="end_task").all()
     assert any(e.level == "warning" and e.data["code"] == "invalid_end_task_format" for e in events)
     m = client.get(f"/v1/lineages/{lineage}/metrics", headers=owner.headers).json()
     assert m["end_task"] is None and len(m["loss_matrix"]) == 1

@@ -21,6 +21,7 @@ from tests.service.conftest import (
     create_lineage,
     in_process_runner,
     new_owner,
+    row_id,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -185,7 +186,7 @@ def test_a_killed_child_frees_its_job_which_then_resumes(env):
     lineage = create_lineage(client, owner, hyperparameters=hp).json()["id"]
     job_id = add_domain(client, owner, lineage, "news")
     assert doomed.run(job_id) == "process_died"
-    assert recorder.sent[-1] == job_id  # sent again at once, not after the lease
+    assert recorder.sent[-1] == row_id(app, Job, job_id)  # sent again at once, not after the lease
     job = _job(client, owner, job_id)
     assert job["status"] == "running" and job["attempts"] == 1 and job["error"] is None
     died = next(e for e in _events(client, owner, job_id) if e["type"] == "process_died")
@@ -197,4 +198,4 @@ def test_a_killed_child_frees_its_job_which_then_resumes(env):
     progress = [e["data"]["progress"] for e in events if "progress" in e["data"]]
     assert progress == sorted(progress)  # across the two attempts too
     with app.state.session_factory() as session:
-        assert session.scalar(select(Job.claim_token).where(Job.id == job_id)) is None
+        assert session.scalar(select(Job.claim_token).where(Job.public_id == job_id)) is None

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import event, update
 
 from service_core.models import JOB_RUNNING, JOB_SUCCEEDED, Job, JobEvent
-from tests.service.conftest import add_domain, assert_problem, create_lineage
+from tests.service.conftest import add_domain, assert_problem, by_public, create_lineage
 
 
 @pytest.fixture
@@ -22,15 +22,14 @@ def job_id(client, alice) -> int:  # noqa: ANN001
 
 def _set_job(api, job_id: int, **values) -> None:  # noqa: ANN001
     with api.state.session_factory() as session, session.begin():
-        session.execute(update(Job).where(Job.id == job_id).values(**values))
+        session.execute(update(Job).where(Job.public_id == job_id).values(**values))
 
 
 def _add_events(api, job_id: int, n: int, start: int = 0) -> None:  # noqa: ANN001
     with api.state.session_factory() as session, session.begin():
+        row = by_public(session, Job, job_id).id
         for i in range(start, start + n):
-            session.add(
-                JobEvent(job_id=job_id, type="progress", message=f"step {i}", data={"i": i})
-            )
+            session.add(JobEvent(job_id=row, type="progress", message=f"step {i}", data={"i": i}))
 
 
 def _wait_until(predicate, timeout: float = 5.0) -> bool:  # noqa: ANN001

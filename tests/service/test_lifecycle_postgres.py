@@ -9,13 +9,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from service_core.models import Base, Job
-from service_core.storage import lineage_dir
 from tests.service.conftest import (
     add_domain,
     assert_problem,
+    by_public,
     corpus_text,
     create_lineage,
     in_process_runner,
+    lineage_path,
     new_owner,
     upload,
 )
@@ -71,7 +72,7 @@ def test_lifecycle_on_postgres(env):
     )
     queued = add_domain(client, owner, fork_id, "bio")
     assert client.delete(f"/v1/lineages/{lineage}", headers=owner.headers).status_code == 204
-    assert not lineage_dir(settings, lineage).exists()
+    assert not lineage_path(settings, lineage).exists()
     assert (
         client.head(
             f"/v1/lineages/{fork_id}/stages/1/checkpoint", headers=owner.headers
@@ -79,7 +80,7 @@ def test_lifecycle_on_postgres(env):
         == 200
     )
     with app.state.session_factory() as session, session.begin():
-        session.get(Job, queued).status = "running"
+        by_public(session, Job, queued).status = "running"
     assert_problem(
         client.delete(f"/v1/lineages/{fork_id}", headers=owner.headers), 409, "lineage_training"
     )
@@ -89,7 +90,7 @@ def test_lifecycle_on_postgres(env):
     )
     assert client.get(f"/v1/jobs/{queued}", headers=owner.headers).status_code == 404
     with app.state.session_factory() as session:
-        assert session.get(Job, queued).status == "cancelling"
+        assert by_public(session, Job, queued).status == "cancelling"
 
     key_id = client.get("/v1/api-keys", headers=owner.headers).json()["data"][0]["id"]
     rotated = client.post(f"/v1/api-keys/{key_id}/rotate", headers=owner.headers)
@@ -125,6 +126,6 @@ def test_forced_delete_while_training_on_postgres(env):
     finally:
         thread.join(timeout=120)
     assert outcome == ["cancelled"]
-    assert not lineage_dir(settings, lineage).exists()
+    assert not lineage_path(settings, lineage).exists()
     with app.state.session_factory() as session:
-        assert session.get(Job, job).status == "cancelled"
+        assert by_public(session, Job, job).status == "cancelled"

@@ -14,12 +14,13 @@ import time
 import pytest
 
 from service_core.models import Lineage
-from service_core.storage import lineage_dir
 from tests.service.conftest import (
     add_domain,
     assert_problem,
+    by_public,
     create_lineage,
     in_process_runner,
+    lineage_path,
     new_owner,
     wait_for,
 )
@@ -150,7 +151,7 @@ def test_fork_copies_stages_and_trains_on(env, trained):
     assert again == parent_m
     # deleting the parent leaves the fork whole
     assert client.delete(f"/v1/lineages/{lineage}", headers=owner.headers).status_code == 204
-    assert not lineage_dir(settings, lineage).exists()
+    assert not lineage_path(settings, lineage).exists()
     for position in (1, 2):
         got = client.get(
             f"/v1/lineages/{fork['id']}/stages/{position}/checkpoint", headers=owner.headers
@@ -196,6 +197,6 @@ def test_forced_delete_while_training(env):
         thread.join(timeout=120)
     assert outcome == ["cancelled"] and time.monotonic() - started < 60
     # the worker removed the folder once it had recorded the cancel
-    assert not lineage_dir(settings, lineage).exists()
+    assert not lineage_path(settings, lineage).exists()
     with app.state.session_factory() as session:
-        assert session.get(Lineage, lineage).files_removed_at is not None
+        assert by_public(session, Lineage, lineage).files_removed_at is not None

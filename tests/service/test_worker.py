@@ -21,9 +21,11 @@ from tests.service.conftest import (
     EnqueueRecorder,
     add_domain,
     assert_problem,
+    by_public,
     create_lineage,
     in_process_runner,
     new_owner,
+    row_id,
     wait_for,
 )
 
@@ -37,7 +39,10 @@ def env(tmp_path_factory):  # noqa: ANN201
 def _events(app, job_id):  # noqa: ANN001, ANN202
     with app.state.session_factory() as session:
         return session.scalars(
-            select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+            select(JobEvent)
+            .join(Job, Job.id == JobEvent.job_id)
+            .where(Job.public_id == job_id)
+            .order_by(JobEvent.seq)
         ).all()
 
 
@@ -51,7 +56,9 @@ def trained(env):  # noqa: ANN201
     second = add_domain(client, owner, lineage, "law")
     assert runner.run(second) == "blocked"  # stage 1 has not run yet
     assert runner.run(first) == "succeeded"
-    assert recorder.sent[-1] == second  # the next stage was sent when stage 1 succeeded
+    assert recorder.sent[-1] == row_id(
+        app, Job, second
+    )  # the next stage was sent when stage 1 succeeded
     assert runner.run(second) == "succeeded"
     return owner, lineage, first, second
 
@@ -135,12 +142,12 @@ def test_a_live_lease_is_not_taken_but_an_expired_one_is_resumed(env):
     job_id = add_domain(client, owner, lineage, "bio")
     factory = app.state.session_factory
     with factory() as session, session.begin():
-        job = session.get(Job, job_id)
+        job = by_public(session, Job, job_id)
         job.status, job.attempts, job.claim_token = "running", 1, "a-dead-worker"
         job.lease_expires_at = utcnow() + timedelta(seconds=300)
     assert runner.run(job_id) == "not_claimable (running)"
     with factory() as session, session.begin():
-        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+        by_public(session, Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
     assert runner.run(job_id) == "succeeded"
     job = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
     assert job["attempts"] == 2 and job["status"] == "succeeded"
@@ -156,7 +163,7 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(env):
     queued_behind = add_domain(client, owner, lineage, "law")
     factory = app.state.session_factory
     with factory() as session, session.begin():
-        job = session.get(Job, job_id)
+        job = by_public(session, Job, job_id)
         job.status, job.claim_token = "running", "a-dead-worker"
         job.attempts = settings.max_attempts
         job.lease_expires_at = utcnow() - timedelta(seconds=1)
@@ -256,7 +263,7 @@ def test_engine_errors_keep_their_code(env):
     from service_core.models import Corpus
 
     with app.state.session_factory() as session:
-        path = settings.data_dir / session.get(Corpus, stage["corpus_id"]).storage_path
+        path = settings.data_dir / by_public(session, Corpus, stage["corpus_id"]).storage_path
     path.unlink()  # the corpus vanished from the disk
     assert runner.run(job_id) == "failed"
     error = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()["error"]
@@ -277,7 +284,7 @@ def test_sweep_finds_lost_messages_and_dead_workers(env):
     dead = add_domain(client, owner, other, "bio")
     factory = app.state.session_factory
     with factory() as session, session.begin():
-        job = session.get(Job, dead)
+        job = by_public(session, Job, dead)
         job.status, job.claim_token = "running", "gone"
         job.lease_expires_at = utcnow() - timedelta(seconds=5)
     with factory() as session:
