@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from app.hyperparameters import hyperparameters_schema
 from app.storable import text_problem
@@ -18,6 +18,16 @@ StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
 DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # ids are opaque strings with a type prefix (service_core.public_ids); a longer one is no id
 ID_MAX = 64
+
+
+def _as_id_text(value: Any) -> Any:
+    """A number where an id is expected (an id of the integer era) is an unknown id (404,
+    like any id that names nothing), not a type error."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# a reference to one of the caller's rows in a request body (`cor_…`)
+BodyId = Annotated[str, BeforeValidator(_as_id_text)]
 CORPUS_EXAMPLE = "cor_8yQe2kTnV4xWb7LmA0sZ"
 LINEAGE_EXAMPLE = "lin_3hGk9PqRt2VwXy5ZaB1c"
 JOB_EXAMPLE = "job_Q7mN4pLs2XcV9bKd1FhJ"
@@ -123,7 +133,7 @@ class LineageCreate(BaseModel):
         description="training settings; checked against the base model (`block_size` within "
         "its positions) and the server's quotas",
     )
-    general_corpus_id: str | None = Field(
+    general_corpus_id: BodyId | None = Field(
         None,
         max_length=ID_MAX,
         description="one of your corpora (its `cor_…` id): a general-domain text on which "
@@ -200,7 +210,7 @@ class LineageOut(BaseModel):
     objective: str = Field(description="`mlm` or `clm`")
     strategy: str = Field(description="the continual-learning method")
     hyperparameters: dict[str, Any] = Field(description="the hyper-parameters given")
-    general_corpus_id: str | None = Field(description="the general corpus, if any")
+    general_corpus_id: BodyId | None = Field(description="the general corpus, if any")
     created_at: datetime = Field(description="creation time (UTC)")
     stages: list[StageOut] = Field(description="its stages, in order")
     forked_from_id: str | None = Field(
@@ -217,7 +227,7 @@ class DomainCreate(BaseModel):
         json_schema_extra={"examples": [{"corpus_id": CORPUS_EXAMPLE, "name": "news"}]},
     )
 
-    corpus_id: str = Field(
+    corpus_id: BodyId = Field(
         max_length=ID_MAX,
         description="one of your corpora (its `cor_…` id): at the lineage's `block_size` it "
         "must fill at least two chunks (one to train on, one held out)",
@@ -227,12 +237,12 @@ class DomainCreate(BaseModel):
         description="the domain name, unique among the lineage's live stages: 1 to 64 of "
         "`[A-Za-z0-9_.-]`, starting with a letter or digit",
     )
-    eval_corpus_id: str | None = Field(
+    eval_corpus_id: BodyId | None = Field(
         None,
         max_length=ID_MAX,
         description="one of your corpora to evaluate on instead of a held-out split",
     )
-    end_task_corpus_id: str | None = Field(
+    end_task_corpus_id: BodyId | None = Field(
         None,
         max_length=ID_MAX,
         description="one of your labelled sets (POST /v1/corpora with `purpose=end_task`): "
@@ -243,7 +253,7 @@ class DomainCreate(BaseModel):
 class EndTaskAttach(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    end_task_corpus_id: str = Field(
+    end_task_corpus_id: BodyId = Field(
         max_length=ID_MAX,
         description="one of your labelled sets (purpose `end_task`) to probe this domain on",
     )

@@ -231,7 +231,7 @@ def test_the_api_answers_503_while_the_database_is_unreachable(client, alice, mo
         )
 
     monkeypatch.setattr(jobs, "owned_job", dropped)
-    r = client.get("/v1/jobs/1", headers=alice.headers)
+    r = client.get(f"/v1/jobs/job_{'A' * 20}", headers=alice.headers)
     body = assert_problem(r, 503, "database_unavailable")
     assert r.headers["retry-after"] == "1" and body["detail"]
     assert "secret_column" not in r.text and "hunter2" not in r.text

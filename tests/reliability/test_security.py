@@ -149,6 +149,13 @@ ARTIFACT_HEADERS = [
 ]
 
 
+# well-formed ids that name nothing (an id is a type prefix and 20 random characters)
+UNKNOWN = {
+    f"{name}_id": f"{prefix}_{'Z' * 20}"
+    for name, prefix in [("lineage", "lin"), ("corpus", "cor"), ("job", "job"), ("key", "key")]
+}
+
+
 def _routes_with_ids(app) -> list[tuple[str, str]]:  # noqa: ANN001
     """(method, path template) of every documented operation whose path holds an id."""
     return [
@@ -191,14 +198,17 @@ def test_every_route_with_an_id_is_404_to_another_owner(trained):
             assert body["code"].endswith("_not_found"), (method, path, body)
             assert "private" not in r.text and "etag" not in r.headers
         # exactly like an id that does not exist
-        missing = re.sub(r"\{(\w+)\}", "999999", template)
+        missing = re.sub(r"\{(\w+)\}", lambda m: UNKNOWN.get(m.group(1), "999999"), template)
+        unknown_corpus = UNKNOWN["corpus_id"]
         kwargs = (
-            {"json": {"corpus_id": 999999, "name": "x"}} if template.endswith("/domains") else {}
+            {"json": {"corpus_id": unknown_corpus, "name": "x"}}
+            if template.endswith("/domains")
+            else {}
         )
         if template.endswith("/fork"):
             kwargs = {"json": {"name": "x", "from_stage": 1}}
         if template.endswith("/end-task"):
-            kwargs = {"json": {"end_task_corpus_id": 999999}}
+            kwargs = {"json": {"end_task_corpus_id": unknown_corpus}}
         assert client.request(method, missing, headers=bob.headers, **kwargs).status_code == 404
     # bob's own corpus cannot be attached to alice's lineage either, nor alice's to bob's
     bobs_lineage = create_lineage(client, bob).json()["id"]
