@@ -424,7 +424,7 @@ def test_unstorable_domain_requests_store_nothing(seeded, raw):
     app, client, owner, lineage, corpus = seeded
     before = stored_rows(app, owner)
     r = _post_json(
-        client, owner, f"/v1/lineages/{lineage}/domains", raw.replace("CORPUS", str(corpus))
+        client, owner, f"/v1/lineages/{lineage}/domains", raw.replace("CORPUS", json.dumps(corpus))
     )
     assert 400 <= r.status_code < 500, r.text
     assert_problem(r, r.status_code)
