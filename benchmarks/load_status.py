@@ -48,7 +48,7 @@ TIMEOUT_S = 10.0
 # -- the load: a second process ------------------------------------------------------------
 
 
-async def _client(http, job_id: int, interval: float, stop_at: float, out: dict) -> None:  # noqa: ANN001
+async def _client(http, job_id: str, interval: float, stop_at: float, out: dict) -> None:  # noqa: ANN001
     """Plain polling (``conditional`` False) or conditional polling: each route's last
     ``ETag`` sent back as ``If-None-Match``, a 304 counting as a good answer."""
     import random
@@ -101,7 +101,7 @@ def _utc_seconds(stamp: str) -> float:
     return moment.timestamp()
 
 
-async def _streamer(http, job_id: int, stop_at: float, out: dict) -> None:  # noqa: ANN001
+async def _streamer(http, job_id: str, stop_at: float, out: dict) -> None:  # noqa: ANN001
     """One server-sent-event stream: the time to open it, and for every job update it
     delivers, the delay from the update's ``updated_at`` (written by the worker) to its
     arrival here (one machine, one clock)."""
@@ -139,7 +139,7 @@ async def _streamer(http, job_id: int, stop_at: float, out: dict) -> None:  # no
 
 
 async def _load(  # noqa: ANN202
-    url: str, key: str, job_id: int, clients: int, duration: float, interval: float, mode: str
+    url: str, key: str, job_id: str, clients: int, duration: float, interval: float, mode: str
 ):
     """``clients`` pollers, each with its own connection: one ``AsyncClient`` each, made
     before the clock starts (httpx's pool scans all of its connections for every request,
@@ -304,14 +304,14 @@ def start_training_job(url: str, key: str, max_steps: int) -> int:
     raise TimeoutError("the job did not start training")
 
 
-def job_step(url: str, key: str, job_id: int) -> int:
+def job_step(url: str, key: str, job_id: str) -> int:
     import httpx
 
     r = httpx.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     return int(r.json().get("step") or 0)
 
 
-def _run_mode(args: argparse.Namespace, url: str, key: str, job_id: int, mode: str) -> dict:
+def _run_mode(args: argparse.Namespace, url: str, key: str, job_id: str, mode: str) -> dict:
     """One load run of ``mode`` in a second process; prints and returns its figures."""
     steps_before = job_step(url, key, job_id)
     print(
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="plain", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--job", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # a public job id (job_…)
     args = parser.parse_args(argv)
     args.duration = min(args.duration, 600.0)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -464,8 +464,9 @@ def test_valid_unicode_round_trips_in_every_string_field(seeded, text):
     assert stored["filename"] == corpus.json()["filename"]
 
 
-def test_ids_and_cursors_beyond_the_integer_columns_are_404_or_empty(seeded):
-    """Found by the fuzzing on PostgreSQL: an id past INTEGER was a database error (500)."""
+def test_integer_ids_are_404_and_numeric_cursors_422(seeded):
+    """Found by the fuzzing on PostgreSQL: an id past INTEGER was a database error (500).
+    Ids are opaque strings now: an integer is an unknown id wherever it is sent."""
     app, client, owner, lineage, corpus = seeded
     big = 2**31
     for url in (f"/v1/lineages/{big}", f"/v1/corpora/{big}", f"/v1/jobs/{big}"):
