@@ -1,7 +1,9 @@
 """Opaque public ids (``lin_…``, ``job_…``, ``cor_…``, ``key_…``) and per-job event numbers.
 
 Existing rows get random ids and their events are numbered 1, 2, ... per job (in the order
-they were written), then the columns become NOT NULL and unique.
+they were written), then the columns become NOT NULL and unique. The ids inside the data of
+events written before (``queued``: corpus_id, ``forked``: from_lineage_id / from_job_id,
+``result``: the artifact URLs) become the public ones, so that they still lead somewhere.
 
 Revision ID: 0006
 Revises: 0005
@@ -9,6 +11,9 @@ Create Date: 2026-12-05 12:20:00
 """
 
 from collections.abc import Sequence
+
+import re
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -48,6 +53,49 @@ def _number_events(connection: sa.Connection) -> None:
         )
 
 
+_URL = re.compile(r"^/v1/lineages/(\d+)/")
+_EVENTS = sa.table("job_events", sa.column("id"), sa.column("type"), sa.column("data", sa.JSON))
+
+
+def _public_data(data: dict[str, Any], ids: dict[str, dict[int, str]]) -> dict[str, Any]:
+    out = dict(data)
+    for key, table in (("corpus_id", "corpora"), ("from_lineage_id", "lineages")):
+        if isinstance(out.get(key), int) and out[key] in ids[table]:
+            out[key] = ids[table][out[key]]
+    if isinstance(out.get("from_job_id"), int) and out["from_job_id"] in ids["jobs"]:
+        out["from_job_id"] = ids["jobs"][out["from_job_id"]]
+    for key in ("checkpoint_url", "importance_url"):
+        match = _URL.match(out.get(key) or "") if isinstance(out.get(key), str) else None
+        if match and int(match.group(1)) in ids["lineages"]:
+            out[key] = f"/v1/lineages/{ids['lineages'][int(match.group(1))]}/" + out[key][
+                match.end() :
+            ]
+    return out
+
+
+def _rewrite_event_data(connection: sa.Connection) -> None:
+    ids = {
+        table: dict(connection.execute(sa.text(f"SELECT id, public_id FROM {table}")).all())
+        for table in ("corpora", "lineages", "jobs")
+    }
+    rows = connection.execute(
+        sa.select(_EVENTS.c.id, _EVENTS.c.data).where(
+            _EVENTS.c.type.in_(("queued", "forked", "result"))
+        )
+    ).all()
+    changed = []
+    for event_id, data in rows:
+        if isinstance(data, dict) and (new := _public_data(data, ids)) != data:
+            changed.append({"event_id": event_id, "new_data": new})
+    if changed:
+        connection.execute(
+            _EVENTS.update()
+            .where(_EVENTS.c.id == sa.bindparam("event_id"))
+            .values(data=sa.bindparam("new_data", type_=sa.JSON)),
+            changed,
+        )
+
+
 def upgrade() -> None:
     for table in TABLES:
         with op.batch_alter_table(table, schema=None) as batch_op:
@@ -65,6 +113,7 @@ def upgrade() -> None:
     for table, prefix in TABLES.items():
         _backfill_public_ids(connection, table, prefix)
     _number_events(connection)
+    _rewrite_event_data(connection)
 
     for table in TABLES:
         with op.batch_alter_table(table, schema=None) as batch_op:

@@ -274,7 +274,16 @@ def _seed_old_rows(url: str, key: str) -> None:
                     attempts=0,
                 )
             )
-        for i, job in enumerate([jobs[0], jobs[1], jobs[0], jobs[0], jobs[1]]):  # interleaved
+        _insert(
+            conn,
+            "job_events",
+            job_id=jobs[0],
+            level="info",
+            type="queued",
+            message="e0",
+            data={"corpus_id": corpus, "position": 1},
+        )
+        for i, job in enumerate([jobs[1], jobs[0], jobs[0], jobs[1]], start=1):  # interleaved
             _insert(
                 conn,
                 "job_events",
@@ -284,6 +293,16 @@ def _seed_old_rows(url: str, key: str) -> None:
                 message=f"e{i}",
                 data={"i": i},
             )
+        url = f"/v1/lineages/{lineage}/stages/2"
+        _insert(
+            conn,
+            "job_events",
+            job_id=jobs[1],
+            level="info",
+            type="result",
+            message="e5",
+            data={"checkpoint_url": f"{url}/checkpoint", "steps": 3},
+        )
     engine.dispose()
 
 
@@ -331,7 +350,14 @@ def test_the_upgrade_gives_existing_rows_public_ids_and_event_numbers(old_databa
         one = client.get(url.format(first), headers=headers).json()["data"]
         two = client.get(url.format(second), headers=headers).json()["data"]
         assert [(e["id"], e["message"]) for e in one] == [(1, "e0"), (2, "e2"), (3, "e3")]
-        assert [(e["id"], e["message"]) for e in two] == [(1, "e1"), (2, "e4")]
+        assert [(e["id"], e["message"]) for e in two] == [(1, "e1"), (2, "e4"), (3, "e5")]
+        # ids inside the data of old events are the public ones now, and lead somewhere
+        assert one[0]["data"] == {"corpus_id": corpus, "position": 1}
+        result = two[-1]["data"]
+        assert result == {
+            "checkpoint_url": f"/v1/lineages/{lineage['id']}/stages/2/checkpoint",
+            "steps": 3,
+        }
         keys = client.get("/v1/api-keys", headers=headers).json()["data"]
         assert len(keys) == 1 and SHAPE["key"].match(keys[0]["id"])
         # new events go on from the backfilled numbers
