@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.archives import TarPlan, parse_range
 from app.auth import Principal, authenticate, get_session
+from app.path_ids import LineagePath
 from app.problems import Problem
 from app.queries import owned_stage
 from service_core.models import JOB_SUCCEEDED, Checkpoint, ImportanceSnapshot, Stage
@@ -25,7 +26,7 @@ IMPORTANCE_PATH = "/{lineage_id}/stages/{position}/importance"
 
 
 def succeeded_stage(
-    lineage_id: str,
+    lineage_id: LineagePath,
     position: int,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),

@@ -13,6 +13,7 @@ from app.auth import Principal, authenticate, get_session
 from app.corpus_intake import corpus_row, idempotent_upload, validate_upload
 from app.idempotency import HEADER, idempotency_header
 from app.labelled_sets import check_purpose, labelled_row, validate_labelled
+from app.path_ids import CorpusPath
 from app.presenters import corpus_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, cursor_query, owned_corpus, paginate
@@ -133,7 +134,7 @@ def list_corpora(
 
 @router.get("/{corpus_id}", response_model=CorpusOut, summary="A corpus and its report")
 def get_corpus(
-    corpus_id: str,
+    corpus_id: CorpusPath,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:

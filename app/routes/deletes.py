@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from app.auth import Principal
 from app.deletion import delete_corpus, delete_lineage
+from app.path_ids import CorpusPath, LineagePath
 from app.queries import owned_corpus, owned_lineage
 from app.ratelimit import write_access
 from app.schemas_lifecycle import problem_responses
@@ -26,7 +27,7 @@ router = APIRouter(tags=["lifecycle"])
     "trained a stage yet. Finished stages keep naming it; the corpus itself answers 404.",
 )
 def remove_corpus(
-    corpus_id: str, request: Request, principal: Principal = Depends(write_access)
+    corpus_id: CorpusPath, request: Request, principal: Principal = Depends(write_access)
 ) -> Response:
     settings = request.app.state.settings
     with request.app.state.session_factory() as session, session.begin():
@@ -45,7 +46,7 @@ def remove_corpus(
     "files go once its worker stopped. The lineage answers 404 from then on.",
 )
 def remove_lineage(
-    lineage_id: str,
+    lineage_id: LineagePath,
     request: Request,
     force: bool = Query(
         False, description="cancel a training stage; its files go once its worker stopped"

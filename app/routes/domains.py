@@ -24,6 +24,7 @@ from app.lineage_building import (
     resolve_lineage_base,
     training_config,
 )
+from app.path_ids import LineagePath
 from app.presenters import job_out, json_ok, stage_out
 from app.problems import Problem
 from app.queries import owned_corpus, owned_lineage
@@ -256,7 +257,7 @@ def _accepted(request: Request, stage: Stage, job: Job) -> dict:
     openapi_extra=DOMAIN_BODY,
 )
 async def post_domain(
-    lineage_id: str, request: Request, principal: Principal = Depends(write_access)
+    lineage_id: LineagePath, request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
     """Add a domain: creates the lineage's next stage and its job (202). Send JSON naming one of
     your corpora, or multipart with the file itself. Checked in the request (pre-flight), so a
@@ -418,7 +419,7 @@ def _domain_fields(fields: dict[str, str]) -> DomainCreate:
     summary="Attach a labelled set to a domain (end-task evaluation)",
 )
 def attach_end_task(
-    lineage_id: str,
+    lineage_id: LineagePath,
     position: int,
     body: EndTaskAttach,
     principal: Principal = Depends(write_access),

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Principal
 from app.idempotency import IdempotencyScope, request_hash
+from app.path_ids import LineagePath
 from app.presenters import lineage_out
 from app.problems import Problem
 from app.queries import owned_lineage
@@ -283,7 +284,7 @@ def create_fork(
     "is a 422 `checkpoint_not_supported`.",
 )
 def fork_lineage(
-    lineage_id: str,
+    lineage_id: LineagePath,
     body: ForkCreate,
     request: Request,
     principal: Principal = Depends(write_access),

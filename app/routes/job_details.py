@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, get_session
+from app.path_ids import JobPath
 from app.presenters import job_out, json_ok
 from app.problems import Problem
 from app.queries import (
@@ -201,7 +202,7 @@ def list_checkpoints(
     "downloadable; the older ones are deleted as training goes).",
 )
 def get_checkpoints(
-    job_id: str,
+    job_id: JobPath,
     request: Request,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
@@ -267,7 +268,7 @@ def step_series(session: Session, job: Job) -> list[StepMetric]:
     "held-out losses once it has succeeded.",
 )
 def get_job_metrics(
-    job_id: str,
+    job_id: JobPath,
     request: Request,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),

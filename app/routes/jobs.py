@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal, authenticate, get_session
 from app.idempotency import IdempotencyScope, idempotency_header, request_hash
 from app.job_watch import JobWatcher, etag_matches, events_etag, job_etag
+from app.path_ids import JobPath
 from app.presenters import event_out, job_out, json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, owned_job, parse_seq
@@ -64,7 +65,7 @@ def _tagged(body: JSONResponse, etag: str) -> JSONResponse:
     "`ETag`: send it back as `If-None-Match` to get `304` (no body) while nothing changed.",
 )
 def get_job(
-    job_id: str,
+    job_id: JobPath,
     request: Request,
     if_none_match: str | None = Header(
         None, description="an `ETag` from an earlier answer: 304 if still current"
@@ -128,7 +129,7 @@ async def _stream(
     "reconnection to a finished job with nothing new answers 204, which stops EventSource.",
 )
 def list_events(
-    job_id: str,
+    job_id: JobPath,
     request: Request,
     after: str | None = Query(
         None, max_length=18, pattern=r"^[0-9]*$", description="cursor: events after this number"
@@ -206,7 +207,7 @@ def list_events(
     dependencies=[Depends(idempotency_header)],
 )
 def cancel_job(
-    job_id: str,
+    job_id: JobPath,
     request: Request,
     principal: Principal = Depends(write_access),
 ) -> JSONResponse:

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, create_api_key, get_session, hash_key
+from app.path_ids import KeyPath
 from app.presenters import json_ok
 from app.problems import Problem
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, cursor_query, owned, paginate, shown
@@ -75,7 +76,7 @@ def create_key(request: Request, principal: Principal = Depends(write_access)) -
     "(conditional reads in other API processes within `DAS_AUTH_CACHE_SECONDS`).",
 )
 def revoke_key(
-    key_id: str, request: Request, principal: Principal = Depends(write_access)
+    key_id: KeyPath, request: Request, principal: Principal = Depends(write_access)
 ) -> Response:
     with request.app.state.session_factory() as session, session.begin():
         row = owned(session, ApiKey, key_id, principal.owner, "api_key")
@@ -94,7 +95,7 @@ def revoke_key(
     "in the same transaction (409 `api_key_revoked` if it already was).",
 )
 def rotate_key(
-    key_id: str, request: Request, principal: Principal = Depends(write_access)
+    key_id: KeyPath, request: Request, principal: Principal = Depends(write_access)
 ) -> JSONResponse:
     with request.app.state.session_factory() as session, session.begin():
         row = owned(session, ApiKey, key_id, principal.owner, "api_key")

@@ -14,6 +14,7 @@ from app.lineage_building import (
     build_lineage,
     check_storable_hyperparameters,
 )
+from app.path_ids import LineagePath
 from app.presenters import json_ok, lineage_out
 from app.queries import DEFAULT_LIMIT, MAX_LIMIT, cursor_query, owned_lineage, paginate
 from app.ratelimit import write_access
@@ -86,7 +87,7 @@ def list_lineages(
 
 @router.get("/{lineage_id}", response_model=LineageOut, summary="A lineage and its stages")
 def get_lineage(
-    lineage_id: str,
+    lineage_id: LineagePath,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, get_session
+from app.path_ids import LineagePath
 from app.presenters import json_ok
 from app.queries import owned_lineage
 from app.schemas import (
@@ -107,7 +108,7 @@ def _without_non_finite(value: Any) -> Any:
 
 @router.get("/{lineage_id}/metrics", response_model=MetricsOut, summary="Forgetting metrics")
 def get_metrics(
-    lineage_id: str,
+    lineage_id: LineagePath,
     principal: Principal = Depends(authenticate),
     session: Session = Depends(get_session),
 ) -> JSONResponse:
