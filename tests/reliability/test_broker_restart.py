@@ -22,6 +22,7 @@ from tests.reliability.helpers import (
 from tests.service.conftest import (
     TINY_HP,
     corpus_text,
+    lineage_path,
     new_owner,
     service_stack,
     upload,
@@ -105,7 +106,7 @@ def test_redis_restart_with_queued_and_running_jobs(postgres_url, redis_url, tmp
             (1, "news", "succeeded"),
             (2, "law", "succeeded"),
         ]
-        stage_dirs = settings.lineages_dir / str(ordered) / "stages"
+        stage_dirs = lineage_path(settings, ordered) / "stages"
         on_disk = sorted(p.name for p in stage_dirs.iterdir())
         assert on_disk == ["001-news", "002-law"]
         # the long job's message was unacknowledged at the restart: gone, yet it trained once

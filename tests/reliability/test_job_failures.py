@@ -28,6 +28,7 @@ from tests.service.conftest import (
     add_domain,
     create_lineage,
     in_process_runner,
+    lineage_path,
     new_owner,
 )
 
@@ -71,7 +72,7 @@ def _fail_on_call(n: int, real, exc):  # noqa: ANN001, ANN202
 
 
 def _stage_dir(settings, lineage: int, position: int) -> Path:  # noqa: ANN001
-    stages = settings.lineages_dir / str(lineage) / "stages"
+    stages = lineage_path(settings, lineage) / "stages"
     return next(stages.glob(f"{position:03d}-*"))
 
 
@@ -137,7 +138,7 @@ def test_out_of_memory_is_recorded_with_its_phase_then_a_retry_succeeds(
     failed = [e for e in events(client, owner, job_id) if e["type"] == "failed"]
     assert len(failed) == 1 and failed[0]["data"]["error"]["code"] == "out_of_memory"
     assert failed[0]["level"] == "error"
-    lineage_dir = settings.lineages_dir / str(lineage)
+    lineage_dir = lineage_path(settings, lineage)
     assert not (lineage_dir / "stages" / "001-news").exists()  # no stage from a failed run
     assert _temporaries(lineage_dir) == []
 
@@ -167,7 +168,7 @@ def test_disk_full_keeps_the_previous_snapshot_and_a_retry_succeeds(env, monkeyp
     lineage = create_lineage(client, owner, hyperparameters=HP).json()["id"]
     first = add_domain(client, owner, lineage, "news")
     assert runner.run(first) == "succeeded"
-    lineage_dir = settings.lineages_dir / str(lineage)
+    lineage_dir = lineage_path(settings, lineage)
     before = {
         "stage 1": _digests(_stage_dir(settings, lineage, 1)),
         "general": _digests(lineage_dir / "importance"),

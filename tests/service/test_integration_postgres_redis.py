@@ -13,12 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from service_core.models import Job
 from tests.service.conftest import (
     TINY_HP,
     WorkerProcess,
     corpus_text,
+    lineage_path,
     load_checkpoint_in_subprocess,
     new_owner,
+    row_id,
     service_stack,
     upload,
     wait_for,
@@ -121,7 +124,8 @@ def test_a_duplicated_message_trains_once(stack):
     owner = new_owner(app)
     lineage, job_id = _lineage_with_one_domain(client, owner, "bio", TINY_HP)
     # the same "run job N" message twice more (as a visibility-timeout redelivery would)
-    assert app.state.enqueue([job_id, job_id]) == [job_id, job_id]
+    row = row_id(app, Job, job_id)  # messages carry row ids
+    assert app.state.enqueue([row, row]) == [row, row]
     job = _wait_status(client, owner, job_id, {"succeeded", "failed"}, 300, worker)
     assert job["status"] == "succeeded"
     time.sleep(3)  # let the worker consume the duplicates
@@ -134,7 +138,7 @@ def test_a_duplicated_message_trains_once(stack):
     assert types.count("claimed") == 1 and types.count("succeeded") == 1
     assert "resumed" not in types
     assert _job(client, owner, job_id)["attempts"] == 1
-    stages = settings.lineages_dir / str(lineage) / "stages"
+    stages = lineage_path(settings, lineage) / "stages"
     assert len([p for p in stages.iterdir() if not p.name.endswith(".partial")]) == 1
 
 
@@ -153,7 +157,7 @@ def test_cancel_mid_training(stack):
     assert r.status_code == 202 and r.json()["status"] == "cancelling"
     job = _wait_status(client, owner, job_id, {"cancelled", "succeeded", "failed"}, 60, worker)
     assert job["status"] == "cancelled" and job["step"] < 500
-    stages = settings.lineages_dir / str(lineage) / "stages"
+    stages = lineage_path(settings, lineage) / "stages"
     assert [p.name for p in stages.iterdir() if not p.name.endswith(".partial")] == []
 
 

@@ -23,6 +23,7 @@ from tests.service.conftest import (
     REPO,
     TINY_HP,
     corpus_text,
+    lineage_path,
     make_settings,
     service_env,
     wait_for,
@@ -167,7 +168,7 @@ def test_sigterm_stops_serve_and_requeues_the_running_job_which_resumes(tmp_path
         print(f"\nSIGTERM -> every process gone: {time.monotonic() - started:.1f}s")
     finally:
         first.close()
-    partial = next((settings.lineages_dir / str(lineage) / "stages").glob("001-*.partial"))
+    partial = next((lineage_path(settings, lineage) / "stages").glob("001-*.partial"))
     assert any((partial / "checkpoints").glob("step-*"))  # the step checkpoint is kept
 
     second = Served(tmp_path, env, "serve-2")

@@ -24,6 +24,7 @@ from tests.service.conftest import (
     by_public,
     create_lineage,
     in_process_runner,
+    lineage_path,
     new_owner,
     row_id,
     wait_for,
@@ -207,7 +208,7 @@ def test_cancel_mid_training(env):
     job = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
     assert job["status"] == "cancelled" and (job["step"] or 0) < 400
     # nothing half-written became a stage
-    stages = settings.lineages_dir / str(lineage) / "stages"
+    stages = lineage_path(settings, lineage) / "stages"
     assert [p.name for p in stages.iterdir() if not p.name.endswith(".partial")] == []
 
 
