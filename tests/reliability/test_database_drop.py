@@ -198,7 +198,7 @@ def test_every_database_step_of_the_worker_is_retried(tmp_path, monkeypatch, cap
         lineage = new_lineage(client, owner, "flaky", {**TINY_HP, "max_steps": 8})
         first = add_domain(client, owner, lineage, "news")
         second = add_domain(client, owner, lineage, "law")
-        outcome = runner.run(first)
+        outcome = runner.run(row_id(app, Job, first))  # as a queue message names it
         assert outcome == "succeeded", job(client, owner, first)
         assert {"BEGIN", "SELECT", "UPDATE", "INSERT"} <= set(faults.failed)
         retried = " | ".join(r.getMessage() for r in caplog.records if "retrying" in r.getMessage())

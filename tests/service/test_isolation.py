@@ -18,6 +18,7 @@ from service_core.models import Job
 from tests.service.conftest import (
     TINY_HP,
     add_domain,
+    by_public,
     create_lineage,
     in_process_runner,
     new_owner,
@@ -139,23 +140,24 @@ def test_older_rows_with_server_details_are_scrubbed_when_shown(env):
     job_id = add_domain(client, owner, lineage, "law")
     host = socket.gethostname()
     with app.state.session_factory() as session, session.begin():
+        row = by_public(session, Job, job_id).id
         add_event(
             session,
-            job_id,
+            row,
             "traceback",
             f'Traceback (most recent call last):\n  File "{sys.prefix}/lib/x.py"',
             level="error",
         )
         add_event(
             session,
-            job_id,
+            row,
             "claimed",
             f"attempt 1 on {host}:4242",
             data={"attempt": 1, "worker": f"{host}:4242"},
         )
         add_event(
             session,
-            job_id,
+            row,
             "result",
             "stage result",
             data={"model_dir": str(settings.data_dir / "lineages" / "1" / "model")},

@@ -288,6 +288,7 @@ def test_sweep_finds_lost_messages_and_dead_workers(env):
         job = by_public(session, Job, dead)
         job.status, job.claim_token = "running", "gone"
         job.lease_expires_at = utcnow() - timedelta(seconds=5)
+    queued, dead, waiting = (row_id(app, Job, j) for j in (queued, dead, waiting))  # as sent
     with factory() as session:
         found = jobs_to_enqueue(session, stale_before=None)
         assert queued in found and dead in found and waiting not in found
