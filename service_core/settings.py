@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # a job whose worker died this many times (kill -9, the kernel's OOM killer, a node
     # lost) fails with error.code "worker_lost" instead of killing the next worker too
     max_attempts: int = Field(3, ge=1, validation_alias=_env("DAS_MAX_ATTEMPTS", "max_attempts"))
+    # a job's child process runs at this niceness (0-19): training is throughput-bound and
+    # takes every core it gets; the API beside it answers status reads, which are
+    # latency-bound. 0 keeps the scheduler's default (equal shares).
+    job_nice: int = Field(10, ge=0, le=19, validation_alias=_env("DAS_JOB_NICE", "job_nice"))
     event_every_steps: int = Field(
         10, validation_alias=_env("DAS_EVENT_EVERY_STEPS", "event_every_steps")
     )
