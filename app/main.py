@@ -182,7 +182,7 @@ def create_app(
     app.state.session_factory = make_session_factory(engine)
     app.state.read_session_factory = make_read_session_factory(engine)
     app.state.job_watcher = JobWatcher(
-        app.state.read_session_factory, poll_seconds=settings.stream_poll_seconds
+        app.state.read_session_factory, poll_seconds=settings.stream_poll_seconds, settings=settings
     )
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     if enqueue is None or broker_ping is None:
