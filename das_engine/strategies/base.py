@@ -66,8 +66,8 @@ class Strategy:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" not in cls.__dict__:
-            return
+        if "name" not in cls.__dict__ or not cls.__module__.startswith(__package__ + "."):
+            return  # only this package's files declare strategies (a test's subclass: no)
         declared = strategy_registry.declared().get(cls.name)
         ours = cls.__dict__.get("params")
         theirs = declared.params if declared is not None else None
