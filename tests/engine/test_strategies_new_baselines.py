@@ -4,6 +4,7 @@ property, and each running a 2-domain lineage through the CLI and ``make_strateg
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
@@ -20,7 +21,7 @@ from das_engine.lineage import Lineage
 from das_engine.strategies import StageContext, make_strategy
 from das_engine.strategies.merge import MergeParams, merged_tensor, ties_merge, trim_top
 from das_engine.strategies.replay_mix import FILE as MIX_FILE
-from das_engine.strategies.replay_mix import ReplayMix, rewarm_cosine
+from das_engine.strategies.replay_mix import ReplayMix, reservoir_add, rewarm_cosine
 
 from . import test_strategies_baselines as baselines
 
@@ -167,6 +168,34 @@ def test_rewarm_cosine_reaches_its_floor_at_the_end():
     assert factors[0] == 1.0 and factors[100] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(factors, factors[1:], strict=False))
     assert [rewarm_cosine(s, 10, 4, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 60), min_size=1, max_size=4),
+    size=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_the_reservoir_is_bounded_and_holds_distinct_seen_chunks(sizes, size, seed):
+    state = {"seen": 0, "entries": []}
+    rng = random.Random(seed)
+    for k, n in enumerate(sizes):
+        state = reservoir_add(state, f"{k:03d}-d", n, size, rng)
+    assert state["seen"] == sum(sizes)
+    assert len(state["entries"]) == min(size, sum(sizes))
+    keys = [(e["stage"], e["chunk"]) for e in state["entries"]]
+    assert len(set(keys)) == len(keys)
+    assert all(0 <= c < sizes[int(stage[:3])] for stage, c in keys)
+
+
+def test_the_reservoir_keeps_each_chunk_equally_likely():
+    """Two domains of 30 and 90 chunks, a buffer of 12: about 3 and 9 kept on average."""
+    first = []
+    for seed in range(400):
+        state = reservoir_add({"seen": 0, "entries": []}, "a", 30, 12, random.Random(seed))
+        state = reservoir_add(state, "b", 90, 12, random.Random(seed + 10**6))
+        first.append(sum(e["stage"] == "a" for e in state["entries"]))
+    assert 2.7 < sum(first) / len(first) < 3.3
 
 
 def test_replay_mix_without_rewarm_uses_the_configs_schedule():
