@@ -9,11 +9,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 from app.hyperparameters import hyperparameters_schema
 from app.storable import text_problem
-from das_engine.config import STRATEGIES
+from das_engine.strategy_registry import strategy_names
 
 T = TypeVar("T")
-# every strategy the engine ships (das, ncl, one and the paper's baselines)
-StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
+# every strategy the engine ships (das_engine/strategies/, found by its registry)
+StrategyName = Literal[strategy_names()]  # type: ignore[valid-type]
 
 DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 

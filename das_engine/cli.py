@@ -21,6 +21,7 @@ from pathlib import Path
 
 from das_engine import distributed
 from das_engine.errors import CorpusError, DasError
+from das_engine.strategy_registry import strategy_names
 
 # flags that map onto TrainingConfig fields (None = not given, keep the default)
 CONFIG_FLAGS: dict[str, tuple[str, type]] = {
@@ -347,12 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--set",
             action="append",
             metavar="KEY=VALUE",
-            help="any TrainingConfig field, e.g. --set contrast_weight=0.5",
+            help="any TrainingConfig field or strategy parameter, e.g. --set "
+            "contrast_weight=0.5 or --set replay_ratio=0.1",
         )
 
     run = sub.add_parser("run", help="create a lineage and train it on domains in order")
     run.add_argument("--base", required=True, help="base id (tiny-roberta), local dir or hub name")
-    run.add_argument("--strategy", default="das", help="das | ncl | one | ...")
+    run.add_argument(
+        "--strategy",
+        default="das",
+        choices=strategy_names(),
+        help="the continual-learning method (default das; docs/engine.md, Strategies)",
+    )
     run.add_argument("--out", required=True, help="the lineage directory to create")
     run.add_argument("--general-corpus", help="a general reference corpus to track")
     run.add_argument("--models-dir", help="folder of local HF model directories")

@@ -202,7 +202,7 @@ class Trainer:
         self.optimizer = strategy.build_optimizer(
             _decay_groups(model, config.weight_decay), lr=config.learning_rate
         )
-        self.scheduler = make_scheduler(self.optimizer, config, self.total)
+        self.scheduler = strategy.build_scheduler(self.optimizer, config, self.total)
         self.order = SampleOrder(len(train), config.seed)
 
     @property

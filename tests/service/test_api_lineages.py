@@ -75,6 +75,18 @@ def test_bad_hyperparameters_are_422_listing_fields(client, alice):
     assert client.get("/v1/lineages", headers=alice.headers).json()["data"] == []
 
 
+def test_strategy_parameters_are_flat_hyperparameters(client, alice):
+    """A strategy's own parameters (declared in its file) are checked like the others."""
+    bad = {"replay_ratio": 2, "merge_method": "average", "ewc_lambda": -1}
+    r = create_lineage(client, alice, strategy="replay_mix", hyperparameters=bad)
+    fields = {e["field"] for e in assert_problem(r, 422, "invalid_hyperparameters")["errors"]}
+    assert fields == {f"hyperparameters.{k}" for k in bad}
+    hp = {**TINY_HP, "replay_ratio": 0.1, "ewc_lambda": 5.0}
+    r = create_lineage(client, alice, strategy="replay_mix", hyperparameters=hp)
+    assert r.status_code == 201, r.text
+    assert r.json()["strategy"] == "replay_mix" and r.json()["hyperparameters"] == hp
+
+
 @pytest.mark.parametrize(
     "base", ["no-such-model", "/etc", "../../models/x", "~/models", "some-org/some-model", "."]
 )
