@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 COOKIE = "das_session"
 CSRF_HEADER = "X-CSRF-Token"
 LIFETIME_S = 12 * 3600
-_TOKEN_CHARS = 43  # secrets.token_urlsafe(32)
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def _file(data_dir: Path, token: str) -> Path:
 
 
 def _well_formed(token: str) -> bool:
-    return len(token) == _TOKEN_CHARS and all(c.isalnum() or c in "-_" for c in token)
+    return _TOKEN.fullmatch(token) is not None
 
 
 def open_session(data_dir: Path, key_id: int, owner: str) -> tuple[str, BrowserSession]:
