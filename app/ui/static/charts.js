@@ -36,8 +36,8 @@ export function heatmap(matrix, rowLabels, colLabels, options = {}) {
   const min = options.min ?? (values.length ? Math.min(...values) : 0);
   const max = options.max ?? (values.length ? Math.max(...values) : 1);
   const span = max - min || 1;
-  const cw = options.cellWidth || 72;
-  const ch = 34;
+  const cw = options.cellWidth || 84;
+  const ch = 38;
   const left = 120;
   const top = 46;
   const width = left + cw * colLabels.length + 10;
@@ -116,11 +116,12 @@ function ticks(lo, hi, count = 4) {
 export function lineChart(series, options = {}) {
   const width = 560;
   const height = options.height || 260;
-  const pad = { left: 58, right: 14, top: 24, bottom: 44 };
+  const pad = { left: 58, right: 40, top: 24, bottom: 44 };
   const xs = finite(series.flatMap((line) => line.points.map((p) => p[0])));
   const ys = finite(series.flatMap((line) => line.points.map((p) => p[1])));
   const svg = s("svg", {
     viewBox: `0 0 ${width} ${height}`,
+    width,
     class: "chart line-chart",
     role: "img",
     "aria-label": options.title || "chart",
@@ -143,7 +144,10 @@ export function lineChart(series, options = {}) {
     svg.append(s("line", { x1: pad.left, y1: py(t), x2: width - pad.right, y2: py(t), class: "grid" }));
     svg.append(s("text", { x: pad.left - 6, y: py(t) + 4, "text-anchor": "end", class: "axis-label" }, fmtNumber(t, 2)));
   }
-  for (const t of ticks(x0, x1)) {
+  // whole numbers on the x axis (steps, stages) get whole-number ticks
+  const wholeX = xs.every(Number.isInteger);
+  const xTicks = wholeX ? [...new Set(ticks(x0, x1).map(Math.round))] : ticks(x0, x1);
+  for (const t of xTicks) {
     const label = options.xTicks ? options.xTicks(t) : fmtNumber(Math.round(t * 100) / 100, 2);
     if (label === null) continue;
     svg.append(s("text", { x: px(t), y: height - pad.bottom + 16, "text-anchor": "middle", class: "axis-label" }, label));

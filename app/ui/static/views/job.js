@@ -2,7 +2,7 @@
 // (GET /v1/jobs/<id>/metrics) and the event log, fed by the job's server-sent events.
 
 import { api, allPages } from "../api.js";
-import { lineChart, legend } from "../charts.js";
+import { lineChart } from "../charts.js";
 import { enc, fmtDuration, fmtNumber, fmtTime, h, problemText, progressBar, setProgress, statusBadge } from "../dom.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -25,6 +25,7 @@ function eventRow(event) {
 
 export async function renderJob(view, jobId) {
   let job = await api(`/v1/jobs/${enc(jobId)}`);
+  const lineage = await api(`/v1/lineages/${enc(job.lineage_id)}`);
   let source = null;
   let pollTimer = null;
   let metricsTimer = null;
@@ -59,7 +60,7 @@ export async function renderJob(view, jobId) {
     const set = (id, value) => {
       stats.querySelector(`[data-testid="${id}"]`).textContent = value;
     };
-    set("job-phase", job.phase || (TERMINAL.has(job.status) ? "done" : "–"));
+    set("job-phase", TERMINAL.has(job.status) ? "done" : job.phase || "–");
     set("job-step", job.total_steps ? `${fmtNumber(job.step ?? 0)} / ${fmtNumber(job.total_steps)}` : fmtNumber(job.step));
     set("job-eta", TERMINAL.has(job.status) ? "–" : fmtDuration(job.eta_seconds));
     set("job-loss", fmtNumber(job.loss));
@@ -69,6 +70,8 @@ export async function renderJob(view, jobId) {
   }
 
   function addEvents(events) {
+    const box = tbody.closest(".events");
+    const atBottom = !box || box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
     for (const event of events) {
       const key = String(event.id);
       if (seen.has(key)) continue;
@@ -76,6 +79,7 @@ export async function renderJob(view, jobId) {
       lastEventId = event.id;
       tbody.append(eventRow(event));
     }
+    if (box && atBottom) box.scrollTop = box.scrollHeight; // follow the newest, unless scrolled up
   }
 
   async function loadMetrics() {
@@ -84,7 +88,7 @@ export async function renderJob(view, jobId) {
     const loss = [{ name: "training loss", points: m.series.filter((p) => p.train_loss !== null).map((p) => [p.step, p.train_loss]) }];
     const speed = [{ name: "tokens/s", points: m.series.filter((p) => p.tokens_per_s !== null).map((p) => [p.step, p.tokens_per_s]), color: "#2ca02c" }];
     lossBox.replaceChildren(lineChart(loss, { title: "Training loss by step", xLabel: "step", yLabel: "loss", testid: "loss-curve" }));
-    speedBox.replaceChildren(lineChart(speed, { title: "Throughput by step", xLabel: "step", yLabel: "tokens/s", testid: "speed-curve", height: 200 }), legend(speed, h));
+    speedBox.replaceChildren(lineChart(speed, { title: "Throughput by step", xLabel: "step", yLabel: "tokens/s", testid: "speed-curve", height: 200 }));
     const latest = m.series.filter((p) => p.tokens_per_s !== null).pop();
     stats.querySelector('[data-testid="job-tps"]').textContent = latest ? fmtNumber(latest.tokens_per_s, 1) : "–";
     const held = Object.entries(m.eval_losses || {});
@@ -170,7 +174,7 @@ export async function renderJob(view, jobId) {
       "nav",
       { class: "crumbs", "aria-label": "breadcrumb" },
       h("a", { href: "#/lineages" }, "Lineages"),
-      h("a", { href: `#/lineage/${enc(job.lineage_id)}` }, "lineage"),
+      h("a", { href: `#/lineage/${enc(job.lineage_id)}` }, lineage.name),
       h("a", { href: `#/job/${enc(job.id)}`, "aria-current": "page" }, `job of stage ${job.stage_position}`),
     ),
     h("h1", {}, `Stage ${job.stage_position}: ${job.domain}`),

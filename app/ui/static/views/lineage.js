@@ -198,7 +198,7 @@ export async function renderLineage(view, lineageId) {
   const parent = lineage.forked_from_id === null || lineage.forked_from_id === undefined
     ? null
     : h("p", {}, "Fork of ", h("a", { href: `#/lineage/${enc(lineage.forked_from_id)}` }, "its parent lineage"), ` after stage ${lineage.forked_from_position}.`);
-  view.replaceChildren(
+  const parts = [
     h("nav", { class: "crumbs", "aria-label": "breadcrumb" }, h("a", { href: "#/lineages" }, "Lineages"), h("a", { href: `#/lineage/${enc(lineage.id)}`, "aria-current": "page" }, lineage.name)),
     h("h1", {}, lineage.name),
     h(
@@ -207,7 +207,10 @@ export async function renderLineage(view, lineageId) {
       fact("Strategy", lineage.strategy),
       fact("Base model", `${lineage.base_model} (${lineage.architecture}, ${lineage.objective})`),
       fact("Created", fmtTime(lineage.created_at)),
-      fact("Hyper-parameters", h("code", {}, JSON.stringify(lineage.hyperparameters))),
+      fact(
+        "Hyper-parameters",
+        h("code", {}, Object.entries(lineage.hyperparameters).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ") || "defaults"),
+      ),
     ),
     parent,
     h(
@@ -222,7 +225,8 @@ export async function renderLineage(view, lineageId) {
     forkForm(lineage, (child) => {
       window.location.hash = `#/lineage/${enc(child.id)}`;
     }),
-  );
+  ];
+  view.replaceChildren(...parts.filter(Boolean));
   if (lineage.stages.some((st) => ACTIVE.has(st.status))) schedule(REFRESH_MS);
   return () => {
     stopped = true;
