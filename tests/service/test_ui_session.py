@@ -121,3 +121,21 @@ def test_the_pages_are_served_offline_with_a_strict_policy(api):
             assert r.status_code == 200, asset
             assert "https://" not in r.text.replace("http://www.w3.org/2000/svg", ""), asset
         assert client.get("/ui", follow_redirects=False).status_code == 308
+
+
+def test_every_static_asset_is_package_data():
+    """A non-editable install (a wheel) ships only what pyproject's package-data names."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from app.ui.routes import STATIC
+
+    repo = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["app.ui"]
+    assets = [p.relative_to(STATIC.parent).as_posix() for p in STATIC.rglob("*") if p.is_file()]
+    assert len(assets) >= 10
+    missing = [a for a in assets if not any(fnmatch.fnmatchcase(a, g) for g in globs)]
+    assert missing == [], f"add to [tool.setuptools.package-data] app.ui: {missing}"

@@ -85,6 +85,29 @@ function perDomainTable(m) {
   );
 }
 
+/** The heatmap's figures as a table, for screen readers and copying. */
+function matrixTable(m, rows) {
+  return h(
+    "details",
+    {},
+    h("summary", {}, "The loss matrix as a table"),
+    h(
+      "div",
+      { class: "table-wrap" },
+      h(
+        "table",
+        {},
+        h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "after stage"), m.domains.map((d) => h("th", { scope: "col" }, d)))),
+        h(
+          "tbody",
+          {},
+          m.loss_matrix.map((row, i) => h("tr", {}, h("th", { scope: "row" }, rows[i]), row.map((v) => h("td", {}, fmtNumber(v))))),
+        ),
+      ),
+    ),
+  );
+}
+
 function panel(lineage, m, testid) {
   const rows = m.domains.map((domain, i) => `after ${i + 1}. ${domain}`);
   const body = m.domains.length
@@ -93,6 +116,7 @@ function panel(lineage, m, testid) {
         h("h3", {}, "Loss matrix"),
         h("p", { class: "muted" }, "Row: the model after that stage; column: held-out loss on that domain (darker: higher)."),
         h("div", { class: "chart-box" }, heatmap(m.loss_matrix, rows, m.domains, { title: `Loss matrix of ${lineage.name}`, rowTitle: "after stage", colTitle: "evaluated on", testid: `${testid}-heatmap` })),
+        matrixTable(m, rows),
         h("h3", {}, "Each domain over the stages"),
         ...domainCurves(m),
         h("h3", {}, "Per domain"),
