@@ -235,6 +235,14 @@ def _walk_through(page, served, shots: Path, tmp_path: Path) -> None:  # noqa: A
     assert page.locator('[data-testid="importance-share"] rect.cell').count() == cells
     _snap(page, shots, "importance")
 
+    # -- cancel: a third domain's job, from its timeline card ---------------------------
+    page.goto(lineage_url)
+    _upload_domain(page, "bio")
+    page.once("dialog", lambda dialog: dialog.accept())  # "Cancel the job of stage 3?"
+    page.click('[data-testid="cancel-3"]')
+    page.wait_for_selector('[data-testid="stage-3"].cancelled', timeout=TRAIN_TIMEOUT_MS)
+    _snap(page, shots, "lineage-cancelled")
+
     # -- the lineages list, then logout: the cookie no longer works -------------------
     page.click("header a:has-text('Lineages')")
     page.wait_for_selector('[data-testid="lineages"] tbody tr >> nth=1')
