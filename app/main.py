@@ -176,7 +176,8 @@ def create_app(
         title="DAS service",
         version="0.1.0",
         description="Continual domain-adaptive pre-training (DAS) as a service. "
-        "All /v1 routes need `Authorization: Bearer <api key>`; every error is "
+        "All /v1 routes need `Authorization: Bearer <api key>` (or the session cookie of "
+        "the web dashboard at /ui, whose writes also send `X-CSRF-Token`); every error is "
         "application/problem+json (RFC 9457).",
     )
     engine = make_engine(settings)
