@@ -120,6 +120,8 @@ def test_dashboard_end_to_end(browser, served, shots, tmp_path):  # noqa: ANN001
     )
     page = context.new_page()
     failures: list[str] = []
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
     page.on("pageerror", lambda exc: failures.append(str(exc)))
     page.on(
         "requestfailed",
@@ -142,6 +144,7 @@ def test_dashboard_end_to_end(browser, served, shots, tmp_path):  # noqa: ANN001
     finally:
         context.close()
     assert failures == [], failures
+    assert any(u.endswith("/events?stream=true") for u in requested)  # live: EventSource
 
 
 def _walk_through(page, served, shots: Path, tmp_path: Path) -> None:  # noqa: ANN001
@@ -149,6 +152,17 @@ def _walk_through(page, served, shots: Path, tmp_path: Path) -> None:  # noqa: A
     page.goto(f"{served.url}/ui/")
     page.wait_for_selector("#login:not([hidden])")
     assert page.evaluate("document.activeElement.id") == "api-key"  # focus starts there
+    for _ in range(8):  # back through the header: the skip link is the first stop
+        page.keyboard.press("Shift+Tab")
+        if page.evaluate("document.activeElement.textContent") == "Skip to content":
+            break
+    else:
+        raise AssertionError("the skip link cannot be reached by keyboard")
+    page.keyboard.press("Enter")  # to the main region; its next stop is the key field
+    assert page.evaluate("document.activeElement.id") == "main"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    assert page.url.endswith("/ui/")  # the skip link left the router's fragment alone
     _snap(page, shots, "login")
     page.keyboard.type("das_not-a-key")
     page.keyboard.press("Enter")

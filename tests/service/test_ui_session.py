@@ -139,3 +139,20 @@ def test_every_static_asset_is_package_data():
     assert len(assets) >= 10
     missing = [a for a in assets if not any(fnmatch.fnmatchcase(a, g) for g in globs)]
     assert missing == [], f"add to [tool.setuptools.package-data] app.ui: {missing}"
+
+
+def test_the_scripts_treat_ids_as_opaque_strings():
+    """Every id the pages put in an API path or a page address goes through ``enc``
+    (encodeURIComponent), and none is parsed as a number: ids may be any string."""
+    import re
+
+    from app.ui.routes import STATIC
+
+    scripts = {p.relative_to(STATIC).as_posix(): p.read_text() for p in STATIC.rglob("*.js")}
+    assert "views/lineage.js" in scripts
+    for name, source in scripts.items():
+        assert "parseInt(" not in source and "parseFloat(" not in source, name
+        for literal in re.findall(r"`[^`]*`", source):
+            if "/v1/" in literal or "#/" in literal:
+                for expr in re.findall(r"\$\{([^}]*)\}", literal):
+                    assert expr.startswith("enc("), (name, literal)

@@ -78,6 +78,11 @@ async function start() {
     cleanup = null;
     showLogin(true);
   });
+  // the skip link moves the focus without touching the fragment (the router's address)
+  document.querySelector(".skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    document.getElementById("main").focus();
+  });
   window.addEventListener("das:logged-out", () => showLogin(true));
   window.addEventListener("hashchange", () => {
     route();

@@ -122,8 +122,8 @@ export async function renderJob(view, jobId) {
     if (stopped) return;
     try {
       showJob(await api(`/v1/jobs/${enc(jobId)}`));
-      const after = lastEventId === null ? "" : `?after=${enc(lastEventId)}`;
-      addEvents(await allPages(`/v1/jobs/${enc(jobId)}/events${after}`));
+      const events = `/v1/jobs/${enc(jobId)}/events`;
+      addEvents(await allPages(lastEventId === null ? events : `${events}?after=${enc(lastEventId)}`));
       metricsSoon();
     } catch {
       /* keep polling */
