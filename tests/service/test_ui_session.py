@@ -4,12 +4,30 @@ CSRF header; logout and a revoked key end the session."""
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
+from app.main import create_app
+from app.migrate import upgrade
 from app.ui.sessions import COOKIE, CSRF_HEADER
-from tests.service.conftest import TINY_HP, assert_problem
+from tests.service.conftest import TINY_HP, EnqueueRecorder, assert_problem, make_settings
 
 LINEAGE = {"name": "ui ✓ 日本語", "base_model": "tiny-roberta", "hyperparameters": TINY_HP}
+
+
+@pytest.fixture(
+    scope="module",
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)],
+)
+def api(request, tmp_path_factory):  # noqa: ANN001, ANN201
+    """The API on the embedded default (SQLite) and on the real PostgreSQL (this module's
+    ``alice`` and ``bob`` are owners of it)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    settings = make_settings(tmp_path_factory.mktemp(f"ui-{request.param}"), database_url=url)
+    upgrade(settings)
+    app = create_app(settings, enqueue=EnqueueRecorder(), broker_ping=lambda: None)
+    yield app
+    app.state.engine.dispose()
 
 
 def _login(client: TestClient, key: str):  # noqa: ANN202
