@@ -179,6 +179,11 @@ def _walk_through(page, served, shots: Path, tmp_path: Path) -> None:  # noqa: A
     page.select_option("#lineage-base", "tiny-roberta")
     page.select_option("#lineage-strategy", "das")
     page.fill("#lineage-hp", json.dumps(HP))
+    general = corpus_text("bio", seed=7)  # the general corpus: forgetting of general text
+    page.set_input_files(
+        "#lineage-general",
+        files=[{"name": "general.txt", "mimeType": "text/plain", "buffer": general}],
+    )
     page.click("#create-lineage button[type=submit]")
     page.wait_for_selector("h1:has-text('news → law ✓')")
     lineage_url = page.url
@@ -220,7 +225,9 @@ def _walk_through(page, served, shots: Path, tmp_path: Path) -> None:  # noqa: A
     page.wait_for_selector(heatmap)
     assert page.locator(f"{heatmap} rect.cell").count() == 4
     assert page.locator(f"{heatmap} rect.cell.empty").count() == 0
-    assert page.locator('[data-testid="domain-curves"] polyline').count() >= 2
+    assert page.locator('[data-testid="domain-curves"] polyline').count() == 3  # + general
+    summary_text = page.inner_text('[data-testid="forgetting-summary"]')
+    assert "General loss" in summary_text and "–" not in summary_text.split("General loss")[1]
     _snap(page, shots, "forgetting")
     page.goto(lineage_url)
     page.wait_for_selector("#fork-name")

@@ -44,7 +44,7 @@ export function heatmap(matrix, rowLabels, colLabels, options = {}) {
   const height = top + ch * rowLabels.length + 44;
   const svg = s("svg", {
     viewBox: `0 0 ${width} ${height}`,
-    width,
+    width: Math.round(width * 1.35), // drawn a little larger; max-width: 100% on a phone
     class: "chart heatmap",
     role: "img",
     "aria-label": options.title || "heatmap",

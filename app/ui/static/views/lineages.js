@@ -1,7 +1,7 @@
 // #/lineages: your lineages and a form to create one.
 
-import { allPages, api, currentSession } from "../api.js";
-import { enc, fmtTime, h, problemText, statusBadge } from "../dom.js";
+import { allPages, api, currentSession, uploadForm } from "../api.js";
+import { enc, fmtTime, h, problemText, progressBar, setProgress, statusBadge } from "../dom.js";
 
 function lineageRow(lineage, names) {
   const last = lineage.stages[lineage.stages.length - 1];
@@ -26,6 +26,9 @@ function lineageRow(lineage, names) {
 
 function createForm(bases) {
   const error = h("p", { class: "error", role: "alert" });
+  const bar = progressBar(0, "general corpus upload progress", "general-progress");
+  bar.hidden = true;
+  let uploaded = null; // {file, id}: a resubmitted form does not upload the same file again
   const strategies = currentSession().strategies.length ? currentSession().strategies : ["das"];
   const form = h(
     "form",
@@ -51,6 +54,10 @@ function createForm(bases) {
     h("label", { for: "lineage-hp" }, "Hyper-parameters (JSON)"),
     h("textarea", { id: "lineage-hp", name: "hyperparameters", rows: 4, spellcheck: "false", "aria-describedby": "hp-help" }, "{}"),
     h("p", { id: "hp-help", class: "muted" }, 'e.g. {"max_steps": 20, "batch_size": 8, "block_size": 64}; see /docs for every field.'),
+    h("label", { for: "lineage-general" }, "General corpus (optional)"),
+    h("input", { id: "lineage-general", name: "general", type: "file", "aria-describedby": "general-help" }),
+    h("p", { id: "general-help", class: "muted" }, "General-domain text on which every stage's forgetting of general knowledge is measured."),
+    bar,
     h("button", { type: "submit" }, "Create lineage"),
     error,
   );
@@ -64,15 +71,26 @@ function createForm(bases) {
       error.textContent = "the hyper-parameters are not valid JSON";
       return;
     }
+    const button = form.querySelector("button[type=submit]");
+    button.disabled = true;
     try {
-      const lineage = await api("/v1/lineages", {
-        method: "POST",
-        json: { name: form.name.value, base_model: form.base_model.value, strategy: form.strategy.value, hyperparameters },
-      });
+      const body = { name: form.name.value, base_model: form.base_model.value, strategy: form.strategy.value, hyperparameters };
+      const file = form.general.files[0];
+      if (file && !(uploaded && uploaded.file === file)) {
+        const data = new FormData();
+        data.append("file", file);
+        bar.hidden = false;
+        const corpus = await uploadForm("/v1/corpora", data, (fraction) => setProgress(bar, fraction));
+        uploaded = { file, id: corpus.id };
+      }
+      if (file) body.general_corpus_id = uploaded.id;
+      const lineage = await api("/v1/lineages", { method: "POST", json: body });
       window.location.hash = `#/lineage/${enc(lineage.id)}`;
     } catch (failure) {
       const details = failure.problem && failure.problem.errors ? failure.problem.errors.map((e) => `${e.field || e.line}: ${e.message}`).join("; ") : "";
       error.textContent = details ? `${problemText(failure)} (${details})` : problemText(failure);
+    } finally {
+      button.disabled = false;
     }
   });
   return form;
