@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.conditional_reads import ConditionalJobReads, KeyCache
@@ -22,12 +23,14 @@ from app.routes import (
     domains,
     fork,
     health,
+    importance_summary,
     job_details,
     jobs,
     keys,
     lineages,
     metrics,
 )
+from app.ui import routes as ui
 from service_core.db import make_engine, make_read_session_factory, make_session_factory
 from service_core.settings import Settings, get_settings
 
@@ -173,7 +176,8 @@ def create_app(
         title="DAS service",
         version="0.1.0",
         description="Continual domain-adaptive pre-training (DAS) as a service. "
-        "All /v1 routes need `Authorization: Bearer <api key>`; every error is "
+        "All /v1 routes need `Authorization: Bearer <api key>` (or the session cookie of "
+        "the web dashboard at /ui, whose writes also send `X-CSRF-Token`); every error is "
         "application/problem+json (RFC 9457).",
     )
     engine = make_engine(settings)
@@ -202,8 +206,11 @@ def create_app(
     for router in (corpora.router, jobs.router):
         app.include_router(router)
     # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys)
-    for module in (artifacts, deletes, fork, job_details, keys):
+    for module in (artifacts, deletes, fork, job_details, keys, importance_summary):
         app.include_router(module.router)
+    # the dashboard (docs/ui.md): its pages, and the login that sets the session cookie
+    app.include_router(ui.router)
+    app.mount("/ui/static", StaticFiles(directory=ui.STATIC), name="ui-static")
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
     app.add_middleware(ConditionalJobReads)  # outermost: a 304 skips everything else
     if settings.cors_origins:

@@ -7,12 +7,9 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 import select
 import signal
 import socket
-import subprocess
-import sys
 import tarfile
 import time
 
@@ -20,66 +17,20 @@ import httpx
 import pytest
 
 from tests.service.conftest import (
-    REPO,
     TINY_HP,
     corpus_text,
     load_checkpoint_in_subprocess,
-    make_settings,
-    service_env,
+    serve_embedded,
     wait_for,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):  # noqa: ANN201
-    data = tmp_path_factory.mktemp("embedded")
-    settings = make_settings(data, max_upload_bytes=4 << 20)
-    env = service_env(settings)
-    env.pop("DATABASE_URL", None)
-    env.pop("CELERY_BROKER_URL", None)
-    port = _free_port()
-    env["PORT"] = str(port)
-    log = (data / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def output() -> str:
-        return (data / "serve.log").read_text(errors="replace")
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited:\n{output()}")
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 120, "das-service serve to listen")
-        key = re.search(r"API key \(owner 'local'\): (\S+)", output()).group(1)
-        worker_pid = int(re.search(r"worker pid (\d+)", output()).group(1))
-        worker_log = data / "logs" / "worker.log"
-        wait_for(lambda: b" ready." in worker_log.read_bytes(), 120, "the worker")
-        yield url, key, process, worker_pid, output
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+    with serve_embedded(tmp_path_factory.mktemp("embedded"), max_upload_bytes=4 << 20) as s:
+        yield s.url, s.key, s.process, s.worker_pid, s.output
 
 
 def test_serve_prints_url_and_key(served):
