@@ -33,7 +33,7 @@ Export: the stage's ``model/`` is the backbone *widened* by the plugin: each lay
 gets the neurons the mask keeps as extra intermediate units (their ``W_in`` rows appended
 to the input projection(s), their masked ``W_out`` columns to the output projection;
 ``intermediate_size``, or GPT-2's ``n_inner``, grows by the largest per-layer count, layers
-with fewer padded by units whose output column is zero). Because the plugin has the FFN's
+with fewer padded by all-zero units). Because the plugin has the FFN's
 own activation, gating and input, this is the same function as the plugin model under that
 mask, up to float summation order; plain ``transformers`` loads it. ``cpt_export_mask``:
 ``domain`` (domain t's binary mask) or ``union`` (every domain's so far).
@@ -220,12 +220,15 @@ def widen(model: nn.Module, unit_map: UnitMap, plugin: Plugin, mask: torch.Tenso
     if extra == 0:
         return 0
     for i, lp in enumerate(plugin.layers):
-        # the neurons the mask keeps first; padding units have a zero output column
+        # the neurons the mask keeps, in order; then padding units, all zeros (they add
+        # exactly nothing, and do not depend on what later domains train)
         order = torch.argsort(-mask[i], stable=True)[:extra]
+        keep = mask[i, order]
         for path, lin in zip(fam.ffn_in, lp.ins, strict=True):
-            bias = lin.bias[order] if lin.bias is not None else None
-            _append(unit_map.module(i, path), lin.weight[order], bias, True, fam.conv1d)
-        cols = lp.out.weight[:, order] * mask[i, order]
+            bias = lin.bias[order] * keep if lin.bias is not None else None
+            rows = lin.weight[order] * keep[:, None]
+            _append(unit_map.module(i, path), rows, bias, True, fam.conv1d)
+        cols = lp.out.weight[:, order] * keep
         _append(unit_map.module(i, fam.ffn_out), cols, None, False, fam.conv1d)
     config = model.config
     if getattr(config, "model_type", None) == "gpt2":
