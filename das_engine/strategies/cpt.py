@@ -365,6 +365,11 @@ class Cpt(Strategy):
         current = self.plugin.embedding.detach()[None]
         return binary_mask(torch.cat([self.earlier, current]))
 
+    def export_mask(self) -> torch.Tensor:
+        """The 0/1 mask [layers, size] the stage's checkpoint applies (``cpt_export_mask``)."""
+        masks = self.masks()
+        return masks[-1] if self.params.cpt_export_mask == "domain" else masks.amax(0)
+
     def finish(self, ctx: StageContext) -> None:
         embeddings = torch.cat([self.earlier, self.plugin.embedding.detach()[None]])
         tensors = {
@@ -381,6 +386,9 @@ class Cpt(Strategy):
             "mask_neurons": [m.sum(1).int().tolist() for m in masks],
             "claimed_neurons": masks.amax(0).sum(1).int().tolist(),
             "export_mask": self.params.cpt_export_mask,
+            # growth: the plugin's weights, and the FFN units the export adds per layer
+            "plugin_parameters": sum(w.numel() for w in self.plugin.layers.parameters()),
+            "export_units": int(self.export_mask().sum(1).max()),
         }
         with atomic_path(ctx.strategy_dir() / WEIGHTS) as tmp:
             save_file(tensors, str(tmp))
@@ -390,9 +398,7 @@ class Cpt(Strategy):
         """The backbone widened by the plugin under the exported mask (see the module doc)."""
         for h in self.handles:
             h.remove()
-        masks = self.masks()
-        mask = masks[-1] if self.params.cpt_export_mask == "domain" else masks.amax(0)
-        widen(model, self.ctx.unit_map, self.plugin, mask)
+        widen(model, self.ctx.unit_map, self.plugin, self.export_mask())
         delattr(model, ATTR)
         for w in model.parameters():
             w.requires_grad_(True)

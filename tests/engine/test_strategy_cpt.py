@@ -152,6 +152,10 @@ def test_claimed_neurons_and_the_backbone_never_change(tmp_path, domains):
     claimed = t1["embeddings"][0] > 0  # [layers, neurons]
     assert 0 < int(claimed.sum()) < claimed.numel()
     assert meta["mask_neurons"][0] == claimed.sum(1).tolist()
+    assert meta["plugin_parameters"] == sum(w.numel() for k, w in t2.items() if k != "embeddings")
+    inter = json.loads((lin.base_dir / "config.json").read_text())["intermediate_size"]
+    exported = json.loads((second.model_dir / "config.json").read_text())["intermediate_size"]
+    assert exported == inter + meta["export_units"] == inter + max(meta["mask_neurons"][1])
     changed_free = False
     for key, w in t1.items():
         if key == "embeddings":
@@ -175,11 +179,9 @@ def test_claimed_neurons_and_the_backbone_never_change(tmp_path, domains):
         saved = weights(stage.model_dir)
         assert all(torch.equal(rebuilt[k], saved[k]) for k in saved), stage.name
     base = weights(lin.base_dir)
-    inter = json.loads((lin.base_dir / "config.json").read_text())["intermediate_size"]
     for name, w in weights(second.model_dir).items():
         axis = 1 if name.endswith("output.dense.weight") and ".layer." in name else 0
         assert torch.equal(w.narrow(axis, 0, base[name].shape[axis]), base[name]), name
-    assert json.loads((second.model_dir / "config.json").read_text())["intermediate_size"] > inter
 
 
 def test_plugin_size_cannot_change_between_stages(tmp_path, domains):
