@@ -159,6 +159,12 @@ KNOWN: dict[str, Variant] = {
             lr_scale=10.0,
             note="Adapter-ONE: per-domain LoRA on a frozen backbone (learning rate x10)",
         ),
+        Variant(
+            "cpt",
+            "cpt",
+            lr_scale=10.0,
+            note="CPT: CL-plugins with HAT task masks on a frozen backbone (learning rate x10)",
+        ),
         # current practice for continued pre-training (issue 11): replay mixing with LR
         # re-warming, and merging each stage back into the model it came from
         Variant(
