@@ -1,0 +1,155 @@
+"""Which webhook URLs the service calls: ``http``/``https`` only, and by default only hosts
+whose addresses are all public (no loopback, private, link-local, multicast, reserved or
+shared address: a webhook must not become a way to reach the server's own network).
+Checked when an endpoint is registered and again at each delivery, which then connects to
+the very address it checked (a name that resolves elsewhere a second time gains nothing)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+MAX_URL_CHARS = 2048
+RESOLVE_TIMEOUT_S = 3.0
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="das-webhook-dns")
+
+
+class UnsafeAddress(ValueError):
+    """The URL's host is, or resolves to, an address webhooks may not reach."""
+
+
+class NameResolutionError(OSError):
+    """The URL's host name did not resolve (in time)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one delivery goes: the checked address, and the name the request carries."""
+
+    scheme: str
+    host: str  # as in the URL (a name, or an address)
+    port: int
+    path: str  # path and query
+    address: str  # the address connected to
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def sni_hostname(self) -> str | None:
+        """The name TLS verifies the certificate against (None for an address URL)."""
+        return None if _literal(self.host) is not None else self.host
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a webhook endpoint (syntax only), or None."""
+    if len(url) > MAX_URL_CHARS:
+        return f"longer than {MAX_URL_CHARS} characters"
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone UTF-16 surrogate (not valid Unicode)"
+    if any(ch.isspace() or unicodedata.category(ch) == "Cc" for ch in url):
+        return "contains white space or a control character"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not parts.hostname:
+        return "has no host"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials (user:password@)"
+    if parts.fragment:
+        return "must not have a #fragment"
+    if port == 0:
+        return "port 0 is not a port"
+    return None
+
+
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def is_public(address: IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+def resolve(host: str, port: int, timeout: float = RESOLVE_TIMEOUT_S) -> list[IPAddress]:
+    """The addresses of ``host`` (itself when an address); NameResolutionError otherwise."""
+    literal = _literal(host)
+    if literal is not None:
+        return [literal]
+    future = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = future.result(timeout=timeout)
+    except FutureTimeout as exc:
+        raise NameResolutionError(f"{host}: no answer in {timeout:g} s") from exc
+    except (OSError, UnicodeError) as exc:
+        raise NameResolutionError(f"{host}: {exc}") from exc
+    addresses = []
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if address not in addresses:
+            addresses.append(address)
+    if not addresses:
+        raise NameResolutionError(f"{host}: no address")
+    return addresses
+
+
+def _checked(addresses: list[IPAddress], allow_private: bool) -> list[IPAddress]:
+    if not allow_private:
+        refused = [a for a in addresses if not is_public(a)]
+        if refused:
+            raise UnsafeAddress(
+                f"its address {refused[0]} is not public (the operator may allow "
+                "private addresses with DAS_WEBHOOK_ALLOW_PRIVATE=true)"
+            )
+    return addresses
+
+
+def registration_problem(url: str, *, allow_private: bool) -> str | None:
+    """Why ``url`` cannot be registered, or None. A name that does not resolve now is
+    accepted (DNS may be set up later); each delivery checks again."""
+    why = url_problem(url)
+    if why or allow_private:
+        return why
+    parts = urlsplit(url)
+    try:
+        _checked(resolve(parts.hostname or "", parts.port or 443), allow_private=False)
+    except UnsafeAddress as exc:
+        return str(exc)
+    except NameResolutionError:
+        return None
+    return None
+
+
+def delivery_target(url: str, *, allow_private: bool) -> Target:
+    """Where to send a delivery now: raises UnsafeAddress, NameResolutionError or
+    ValueError (a URL stored before a stricter check)."""
+    why = url_problem(url)
+    if why:
+        raise ValueError(why)
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    address = _checked(resolve(host, port), allow_private)[0]
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(parts.scheme, host, port, path, str(address))
