@@ -14,6 +14,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httpx
+
 MAX_URL_CHARS = 2048
 RESOLVE_TIMEOUT_S = 3.0
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -31,24 +33,12 @@ class NameResolutionError(OSError):
 
 @dataclass(frozen=True)
 class Target:
-    """Where one delivery goes: the checked address, and the name the request carries."""
+    """Where one delivery goes: the URL with its host replaced by the checked address, and
+    the name the request carries (``Host`` header, TLS server name)."""
 
-    scheme: str
-    host: str  # as in the URL (a name, or an address)
-    port: int
-    path: str  # path and query
-    address: str  # the address connected to
-
-    @property
-    def host_header(self) -> str:
-        default = 443 if self.scheme == "https" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == default else f"{host}:{self.port}"
-
-    @property
-    def sni_hostname(self) -> str | None:
-        """The name TLS verifies the certificate against (None for an address URL)."""
-        return None if _literal(self.host) is not None else self.host
+    url: httpx.URL
+    host_header: str
+    sni_hostname: str | None  # None for a URL that names an address
 
 
 def url_problem(url: str) -> str | None:
@@ -128,13 +118,11 @@ def _checked(addresses: list[IPAddress], allow_private: bool) -> list[IPAddress]
 def registration_problem(url: str, *, allow_private: bool) -> str | None:
     """Why ``url`` cannot be registered, or None. A name that does not resolve now is
     accepted (DNS may be set up later); each delivery checks again."""
-    why = url_problem(url)
-    if why or allow_private:
-        return why
-    parts = urlsplit(url)
     try:
-        _checked(resolve(parts.hostname or "", parts.port or 443), allow_private=False)
+        delivery_target(url, allow_private=allow_private)
     except UnsafeAddress as exc:
+        return str(exc)
+    except ValueError as exc:
         return str(exc)
     except NameResolutionError:
         return None
@@ -147,9 +135,15 @@ def delivery_target(url: str, *, allow_private: bool) -> Target:
     why = url_problem(url)
     if why:
         raise ValueError(why)
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        parsed = httpx.URL(url)  # IDNA host, percent-encoded path and query
+    except httpx.InvalidURL as exc:
+        raise ValueError(str(exc)) from exc
+    host = parsed.raw_host.decode("ascii")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
     address = _checked(resolve(host, port), allow_private)[0]
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(parts.scheme, host, port, path, str(address))
+    return Target(
+        url=parsed.copy_with(host=str(address)),
+        host_header=parsed.netloc.decode("ascii"),
+        sni_hostname=None if _literal(host) is not None else host,
+    )
