@@ -27,6 +27,7 @@ from app.routes import (
     keys,
     lineages,
     metrics,
+    webhooks,
 )
 from service_core.db import make_engine, make_read_session_factory, make_session_factory
 from service_core.settings import Settings, get_settings
@@ -201,8 +202,8 @@ def create_app(
         app.include_router(router)
     for router in (corpora.router, jobs.router):
         app.include_router(router)
-    # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys)
-    for module in (artifacts, deletes, fork, job_details, keys):
+    # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys, webhooks)
+    for module in (artifacts, deletes, fork, job_details, keys, webhooks):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
     app.add_middleware(ConditionalJobReads)  # outermost: a 304 skips everything else
