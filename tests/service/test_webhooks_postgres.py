@@ -67,9 +67,7 @@ def test_two_dispatchers_send_each_event_once(postgres_url, tmp_path):
         assert all(any(verify(s, r) for s in secrets) for r in hook.received())
 
 
-def test_a_celery_worker_delivers_the_events_of_the_job_it_runs(
-    postgres_url, redis_url, tmp_path
-):
+def test_a_celery_worker_delivers_the_events_of_the_job_it_runs(postgres_url, redis_url, tmp_path):
     env = {
         "DAS_WEBHOOK_ALLOW_PRIVATE": "true",
         "DAS_WEBHOOK_POLL_SECONDS": "0.1",
@@ -78,15 +76,22 @@ def test_a_celery_worker_delivers_the_events_of_the_job_it_runs(
     with (
         receiver() as hook,
         service_stack(
-            tmp_path, postgres_url, redis_url, "das-webhooks-test", worker={"env": env}
+            tmp_path,
+            postgres_url,
+            redis_url,
+            "das-webhooks-test",
+            worker={"env": env},
+            webhook_allow_private=True,
         ) as (_, app, client, worker),
     ):
         owner = new_owner(app)
-        endpoint = client.post(
+        r = client.post(
             "/v1/webhooks",
             headers=owner.headers,
             json={"url": hook.url, "events": ["job.running", "job.succeeded"]},
-        ).json()
+        )
+        assert r.status_code == 201, r.text
+        endpoint = r.json()
         lineage = create_lineage(client, owner).json()["id"]
         job = add_domain(client, owner, lineage, "news")
         try:
