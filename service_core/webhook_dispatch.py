@@ -27,6 +27,7 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service_core.db import make_read_session_factory
 from service_core.models import (
     DELIVERY_CANCELLED,
     DELIVERY_DELIVERED,
@@ -204,6 +205,7 @@ class WebhookDispatcher(threading.Thread):
         super().__init__(name="das-webhooks", daemon=True)
         self.settings = settings
         self.factory = factory
+        self.read_factory = make_read_session_factory(factory.kw["bind"])
         self.stopped = threading.Event()
         self.client = make_client(settings)
         self.pool = ThreadPoolExecutor(
@@ -225,8 +227,26 @@ class WebhookDispatcher(threading.Thread):
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.client.close()
 
+    def any_due(self) -> bool:
+        """A read without a lock: on SQLite the claim's write lock is taken only when there
+        is something to send (not every poll, beside the API's writes)."""
+        with self.read_factory() as session:
+            return (
+                session.scalar(
+                    select(WebhookDelivery.id)
+                    .where(
+                        WebhookDelivery.status == DELIVERY_PENDING,
+                        WebhookDelivery.next_attempt_at <= utcnow(),
+                    )
+                    .limit(1)
+                )
+                is not None
+            )
+
     def deliver_due(self) -> bool:
         """One batch; True when it was full (more may be due at once)."""
+        if not self.any_due():
+            return False
         limit = self.settings.webhook_concurrency * 4
         with self.factory() as session, session.begin():
             batch = claim_due(session, self.settings, limit)
