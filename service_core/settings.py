@@ -158,6 +158,12 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(
         4, ge=1, le=64, validation_alias=_env("DAS_WEBHOOK_CONCURRENCY", "webhook_concurrency")
     )
+    # finished deliveries (delivered, failed, cancelled) older than this leave the log (0: kept)
+    webhook_retention_days: float = Field(
+        30.0,
+        ge=0,
+        validation_alias=_env("DAS_WEBHOOK_RETENTION_DAYS", "webhook_retention_days"),
+    )
     # endpoints one owner may register (0: no limit)
     webhook_max_endpoints: int = Field(
         20,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service_core.db import make_read_session_factory
@@ -46,6 +46,7 @@ log = logging.getLogger("das.webhooks")
 USER_AGENT = "das-service-webhooks/1"
 # past the request's timeout, before a claimed row is due again (its sender died)
 CLAIM_MARGIN_S = 60.0
+PURGE_EVERY_S = 3600.0
 
 
 def backoff(settings: Settings, attempts: int, rand: Callable[[], float] = random.random) -> float:
@@ -152,6 +153,19 @@ def record_outcome(
     return row.status
 
 
+def purge_finished(session: Session, settings: Settings, now: datetime | None = None) -> int:
+    """Remove finished deliveries older than ``webhook_retention_days``; how many."""
+    if not settings.webhook_retention_days:
+        return 0
+    before = (now or utcnow()) - timedelta(days=settings.webhook_retention_days)
+    result = session.execute(
+        delete(WebhookDelivery).where(
+            WebhookDelivery.status != DELIVERY_PENDING, WebhookDelivery.created_at < before
+        )
+    )
+    return int(result.rowcount or 0)
+
+
 def send(client: httpx.Client, settings: Settings, claimed: Claimed) -> Outcome:
     """One attempt: the SSRF guard, then one POST to the address it checked."""
     try:
@@ -216,11 +230,17 @@ class WebhookDispatcher(threading.Thread):
         self.stopped.set()
 
     def run(self) -> None:
+        log.info("webhook dispatcher started")
+        purged_at = 0.0
         try:
             while not self.stopped.wait(self.settings.webhook_poll_seconds):
                 try:
                     while self.deliver_due() and not self.stopped.is_set():
                         pass  # a full batch: more may be due
+                    if time.monotonic() - purged_at > PURGE_EVERY_S:
+                        purged_at = time.monotonic()
+                        with self.factory() as session, session.begin():
+                            purge_finished(session, self.settings)
                 except Exception:  # noqa: BLE001 - the next round tries again
                     log.warning("webhook delivery round failed", exc_info=True)
         finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from service_core.webhook_dispatch import (
     WebhookDispatcher,
     backoff,
     make_client,
+    purge_finished,
     send,
 )
 from service_core.webhook_events import EVENT_TYPES, encode_body
@@ -371,6 +372,33 @@ def test_an_event_is_written_only_with_its_status_change(env, hook):
             session.rollback()
     assert _log(client, owner, endpoint["id"]) == []
     assert client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()["status"] == "queued"
+
+
+def test_finished_deliveries_leave_the_log_after_the_retention_period(env):
+    settings, app, client, _ = env
+    owner = new_owner(app)
+    endpoint = _register(client, owner, closed_port_url(), events=["job.queued"])
+    job = _queued_job(client, owner)
+    later = datetime.now(UTC) + timedelta(days=settings.webhook_retention_days + 1)
+    with app.state.session_factory() as session, session.begin():
+        (row,) = session.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint["id"])
+        ).all()
+        # pending, not due before ``later`` (attempts reset: an attempt in flight now records
+        # nothing): kept
+        row.status, row.next_attempt_at, row.attempts = "pending", later, 0
+        old = WebhookDelivery(
+            endpoint_id=row.endpoint_id,
+            event_id="evt_old_" + str(row.id),
+            event_type="job.queued",
+            job_id=job,
+            payload={},
+            status="delivered",
+        )
+        session.add(old)
+    with app.state.session_factory() as session, session.begin():
+        assert purge_finished(session, settings, now=later) == 1
+    assert [d["status"] for d in _log(client, owner, endpoint["id"])] == ["pending"]
 
 
 def test_backoff_doubles_with_bounded_jitter_and_a_cap():
