@@ -8,14 +8,16 @@ of the outbox (service_core.webhook_events) and records each attempt.
 - A 2xx is ``delivered``; anything else (another status, a timeout, a refused connection, an
   address the SSRF guard refuses) is retried after ``backoff`` until
   ``DAS_WEBHOOK_MAX_ATTEMPTS``, then ``failed``. Redirects are never followed.
-- The deliveries of one endpoint in a batch go one after the other, in the order of their
-  events; different endpoints are served in parallel (``DAS_WEBHOOK_CONCURRENCY``).
+- The deliveries of one endpoint go one after the other, in the order of their events, by
+  one sender thread; up to ``DAS_WEBHOOK_CONCURRENCY`` endpoints are served at once, so a
+  slow or dead endpoint delays only its own deliveries.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,8 @@ log = logging.getLogger("das.webhooks")
 USER_AGENT = "das-service-webhooks/1"
 # past the request's timeout, before a claimed row is due again (its sender died)
 CLAIM_MARGIN_S = 60.0
+# deliveries of one endpoint taken by one claim (sent one after the other)
+PER_ENDPOINT = 10
 PURGE_EVERY_S = 3600.0
 
 
@@ -79,50 +83,68 @@ class Outcome:
 
 
 def claim_due(
-    session: Session, settings: Settings, limit: int, now: datetime | None = None
-) -> list[Claimed]:
-    """Take up to ``limit`` due deliveries (in the caller's transaction)."""
+    session: Session,
+    settings: Settings,
+    *,
+    max_endpoints: int,
+    per_endpoint: int = PER_ENDPOINT,
+    busy: frozenset[int] = frozenset(),
+    now: datetime | None = None,
+) -> list[list[Claimed]]:
+    """Take due deliveries (in the caller's transaction): those of at most ``max_endpoints``
+    endpoints not in ``busy`` (served by this process now), at most ``per_endpoint`` each,
+    grouped by endpoint in the order of their events. The n-th of a group stays claimed for
+    n timeouts plus a margin: it is sent after the ones before it."""
     now = now or utcnow()
+    stmt = select(WebhookDelivery).where(
+        WebhookDelivery.status == DELIVERY_PENDING, WebhookDelivery.next_attempt_at <= now
+    )
+    if busy:
+        stmt = stmt.where(WebhookDelivery.endpoint_id.not_in(busy))
     rows = session.scalars(
-        select(WebhookDelivery)
-        .where(
-            WebhookDelivery.status == DELIVERY_PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-        )
-        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-        .limit(limit)
+        stmt.order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+        .limit(max_endpoints * per_endpoint)
         .with_for_update(skip_locked=True)
     ).all()
-    if not rows:
+    groups: dict[int, list[WebhookDelivery]] = {}
+    for row in rows:  # rows of more endpoints are left as they are (their locks end now)
+        group = groups.get(row.endpoint_id)
+        if group is None and len(groups) < max_endpoints:
+            group = groups[row.endpoint_id] = []
+        if group is not None and len(group) < per_endpoint:
+            group.append(row)
+    if not groups:
         return []
     endpoints = {
         e.id: e
-        for e in session.scalars(
-            select(WebhookEndpoint).where(WebhookEndpoint.id.in_({r.endpoint_id for r in rows}))
-        )
+        for e in session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.id.in_(groups)))
     }
-    lease = timedelta(seconds=settings.webhook_timeout_seconds + CLAIM_MARGIN_S)
-    claimed = []
-    for row in rows:
-        endpoint = endpoints[row.endpoint_id]
-        if endpoint.deleted_at is not None:
-            row.status = DELIVERY_CANCELLED
-            row.next_attempt_at = None
-            continue
-        row.attempts = (row.attempts or 0) + 1
-        row.last_attempt_at = now
-        row.next_attempt_at = now + lease
-        claimed.append(
-            Claimed(
-                row.id,
-                endpoint.id,
-                row.attempts,
-                row.event_id,
-                endpoint.url,
-                endpoint.secret,
-                encode_body(row.payload),
+    claimed: list[list[Claimed]] = []
+    for endpoint_id, group in groups.items():
+        endpoint = endpoints[endpoint_id]
+        batch = []
+        for row in sorted(group, key=lambda r: r.id):
+            if endpoint.deleted_at is not None:
+                row.status = DELIVERY_CANCELLED
+                row.next_attempt_at = None
+                continue
+            wait = (len(batch) + 1) * settings.webhook_timeout_seconds + CLAIM_MARGIN_S
+            row.attempts = (row.attempts or 0) + 1
+            row.last_attempt_at = now
+            row.next_attempt_at = now + timedelta(seconds=wait)
+            batch.append(
+                Claimed(
+                    row.id,
+                    endpoint.id,
+                    row.attempts,
+                    row.event_id,
+                    endpoint.url,
+                    endpoint.secret,
+                    encode_body(row.payload),
+                )
             )
-        )
+        if batch:
+            claimed.append(batch)
     return claimed
 
 
@@ -196,12 +218,13 @@ def send(client: httpx.Client, settings: Settings, claimed: Claimed) -> Outcome:
         return Outcome(error="timeout")
     except httpx.ConnectError:
         return Outcome(error="connect_error")
-    except httpx.HTTPError as exc:
+    except Exception as exc:  # noqa: BLE001 - any other failure is a failed attempt too
         return Outcome(error=_snake(type(exc).__name__))
 
 
 def _snake(name: str) -> str:
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")[:64]
+    """``RemoteProtocolError`` -> ``remote_protocol_error``, ``HTTPError`` -> ``http_error``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()[:64]
 
 
 def make_client(settings: Settings) -> httpx.Client:
@@ -213,7 +236,10 @@ def make_client(settings: Settings) -> httpx.Client:
 
 
 class WebhookDispatcher(threading.Thread):
-    """Delivers due webhook events every ``webhook_poll_seconds`` until stopped."""
+    """Delivers due webhook events every ``webhook_poll_seconds`` until stopped. Each
+    endpoint is served by one sender thread at a time, and at most
+    ``webhook_concurrency`` endpoints at once: a slow or dead endpoint (each attempt waits
+    for the timeout) holds up its own deliveries only, not those of other endpoints."""
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
         super().__init__(name="das-webhooks", daemon=True)
@@ -225,6 +251,8 @@ class WebhookDispatcher(threading.Thread):
         self.pool = ThreadPoolExecutor(
             max_workers=settings.webhook_concurrency, thread_name_prefix="das-webhook-send"
         )
+        self._busy: set[int] = set()  # endpoints whose deliveries a sender thread has
+        self._idle = threading.Condition()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -235,8 +263,7 @@ class WebhookDispatcher(threading.Thread):
         try:
             while not self.stopped.wait(self.settings.webhook_poll_seconds):
                 try:
-                    while self.deliver_due() and not self.stopped.is_set():
-                        pass  # a full batch: more may be due
+                    self.deliver_due()
                     if time.monotonic() - purged_at > PURGE_EVERY_S:
                         purged_at = time.monotonic()
                         with self.factory() as session, session.begin():
@@ -244,8 +271,13 @@ class WebhookDispatcher(threading.Thread):
                 except Exception:  # noqa: BLE001 - the next round tries again
                     log.warning("webhook delivery round failed", exc_info=True)
         finally:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.client.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the sender threads (a group not started stays claimed until its claim runs
+        out, then is sent again)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
 
     def any_due(self) -> bool:
         """A read without a lock: on SQLite the claim's write lock is taken only when there
@@ -263,32 +295,48 @@ class WebhookDispatcher(threading.Thread):
                 is not None
             )
 
-    def deliver_due(self) -> bool:
-        """One batch; True when it was full (more may be due at once)."""
-        if not self.any_due():
-            return False
-        limit = self.settings.webhook_concurrency * 4
+    def deliver_due(self) -> int:
+        """Claim what free sender threads can take and start sending it (without waiting);
+        how many deliveries were claimed."""
+        with self._idle:
+            busy = frozenset(self._busy)
+        free = self.settings.webhook_concurrency - len(busy)
+        if free <= 0 or not self.any_due():
+            return 0
         with self.factory() as session, session.begin():
-            batch = claim_due(session, self.settings, limit)
-        by_endpoint: dict[int, list[Claimed]] = {}
-        for claimed in batch:
-            by_endpoint.setdefault(claimed.endpoint_id, []).append(claimed)
-        for future in [self.pool.submit(self._send_all, c) for c in by_endpoint.values()]:
-            future.result()
-        return len(batch) >= limit
+            groups = claim_due(session, self.settings, max_endpoints=free, busy=busy)
+        for group in groups:
+            with self._idle:
+                self._busy.add(group[0].endpoint_id)
+            self.pool.submit(self._send_all, group)
+        return sum(len(g) for g in groups)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until no delivery is being sent (tests); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._busy, timeout)
 
     def _send_all(self, deliveries: list[Claimed]) -> None:
-        for claimed in deliveries:
-            if self.stopped.is_set():
-                return  # claimed, not sent: due again after the claim's margin
-            outcome = send(self.client, self.settings, claimed)
-            with self.factory() as session, session.begin():
-                status = record_outcome(session, self.settings, claimed, outcome)
-            log.info(
-                "webhook %s (delivery %s) attempt %s: %s -> %s",
-                claimed.event_id,
-                claimed.delivery_id,
-                claimed.attempt,
-                outcome.status_code or outcome.error,
-                status,
+        try:
+            for claimed in deliveries:
+                if self.stopped.is_set():
+                    return  # claimed, not sent: due again when its claim runs out
+                outcome = send(self.client, self.settings, claimed)
+                with self.factory() as session, session.begin():
+                    status = record_outcome(session, self.settings, claimed, outcome)
+                log.info(
+                    "webhook %s (delivery %s) attempt %s: %s -> %s",
+                    claimed.event_id,
+                    claimed.delivery_id,
+                    claimed.attempt,
+                    outcome.status_code or outcome.error,
+                    status,
+                )
+        except Exception:  # noqa: BLE001 - the rows are due again when their claims run out
+            log.warning(
+                "webhook deliveries to endpoint %s failed", deliveries[0].endpoint_id, exc_info=True
             )
+        finally:
+            with self._idle:
+                self._busy.discard(deliveries[0].endpoint_id)
+                self._idle.notify_all()

@@ -7,6 +7,7 @@ DAS_REQUIRE_SERVICES=1 where that is a failure."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -48,14 +49,19 @@ def test_two_dispatchers_send_each_event_once(postgres_url, tmp_path):
 
         def drain(dispatcher: WebhookDispatcher) -> None:
             barrier.wait()
-            while len(hook.received()) < expected:
+            deadline = time.monotonic() + 120
+            while len(hook.received()) < expected and time.monotonic() < deadline:
                 dispatcher.deliver_due()
+                time.sleep(0.01)
+            assert dispatcher.wait_idle(30)
 
         threads = [threading.Thread(target=drain, args=(d,)) for d in dispatchers]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout=120)
+            thread.join(timeout=180)
+        for dispatcher in dispatchers:
+            dispatcher.close()
         counts = Counter(r.headers["webhook-id"] for r in hook.received())
         assert len(counts) == expected and set(counts.values()) == {1}, counts
         for endpoint in endpoints:

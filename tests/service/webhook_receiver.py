@@ -1,5 +1,5 @@
 """A real HTTP receiver on 127.0.0.1 for the webhook tests: records every request (headers,
-body, arrival time) and answers the status codes it is given, then 200."""
+body, arrival time) and answers the status codes it is given, then 200 (after ``delay``)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class Receiver:
     url: str
     answers: list[int] = field(default_factory=list)  # next status codes, then 200
     requests: list[Received] = field(default_factory=list)
+    delay: float = 0.0  # seconds before each answer
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, *codes: int) -> None:
@@ -64,6 +65,7 @@ def receiver(path: str = "/hooks") -> Iterator[Receiver]:
                     )
                 )
                 code = state.answers.pop(0) if state.answers else 200
+            time.sleep(state.delay)
             self.send_response(code)
             if 300 <= code < 400:
                 self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/moved")
