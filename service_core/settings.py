@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = Field(
         1.0, gt=0, validation_alias=_env("DAS_WEBHOOK_POLL_SECONDS", "webhook_poll_seconds")
     )
-    # deliveries sent at once by one worker process
+    # endpoints one worker process sends to at once (one request at a time to each)
     webhook_concurrency: int = Field(
         4, ge=1, le=64, validation_alias=_env("DAS_WEBHOOK_CONCURRENCY", "webhook_concurrency")
     )
