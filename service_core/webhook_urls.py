@@ -119,10 +119,10 @@ def registration_problem(url: str, *, allow_private: bool) -> str | None:
     """Why ``url`` cannot be registered, or None. A name that does not resolve now is
     accepted (DNS may be set up later); each delivery checks again."""
     try:
-        delivery_target(url, allow_private=allow_private)
-    except UnsafeAddress as exc:
-        return str(exc)
-    except ValueError as exc:
+        parsed = _parse(url)
+        if not allow_private:
+            _checked(resolve(_host(parsed), _port(parsed)), allow_private=False)
+    except ValueError as exc:  # UnsafeAddress included
         return str(exc)
     except NameResolutionError:
         return None
@@ -132,18 +132,31 @@ def registration_problem(url: str, *, allow_private: bool) -> str | None:
 def delivery_target(url: str, *, allow_private: bool) -> Target:
     """Where to send a delivery now: raises UnsafeAddress, NameResolutionError or
     ValueError (a URL stored before a stricter check)."""
-    why = url_problem(url)
-    if why:
-        raise ValueError(why)
-    try:
-        parsed = httpx.URL(url)  # IDNA host, percent-encoded path and query
-    except httpx.InvalidURL as exc:
-        raise ValueError(str(exc)) from exc
-    host = parsed.raw_host.decode("ascii")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    address = _checked(resolve(host, port), allow_private)[0]
+    parsed = _parse(url)
+    host = _host(parsed)
+    address = _checked(resolve(host, _port(parsed)), allow_private)[0]
     return Target(
         url=parsed.copy_with(host=str(address)),
         host_header=parsed.netloc.decode("ascii"),
         sni_hostname=None if _literal(host) is not None else host,
     )
+
+
+def _parse(url: str) -> httpx.URL:
+    """The URL as it will be requested (IDNA host, percent-encoded path and query), or
+    ValueError."""
+    why = url_problem(url)
+    if why:
+        raise ValueError(why)
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _host(parsed: httpx.URL) -> str:
+    return parsed.raw_host.decode("ascii")
+
+
+def _port(parsed: httpx.URL) -> int:
+    return parsed.port or (443 if parsed.scheme == "https" else 80)

@@ -346,6 +346,20 @@ def test_redirects_are_not_followed(env, hook):
     assert [r.path for r in hook.received()] == ["/hooks"] * MAX_ATTEMPTS  # never /moved
 
 
+def test_a_named_host_is_called_at_its_checked_address_under_its_own_name(env, hook):
+    """The delivery resolves the name once, checks the address and connects to it (no
+    second resolution to rebind), with the URL's name in ``Host``."""
+    _, app, client, _ = env
+    owner = new_owner(app)
+    named = hook.url.replace("127.0.0.1", "localhost")
+    endpoint = _register(client, owner, named, events=["job.cancelled"])
+    _cancelled_job(client, owner)
+    (delivery,) = _settled(client, owner, endpoint["id"], 1)
+    assert delivery["status"] == "delivered"
+    (request,) = hook.received()
+    assert request.headers["host"] == named.split("/")[2]  # localhost:<port>
+
+
 def test_a_rotated_secret_signs_the_next_deliveries(env, hook):
     _, app, client, _ = env
     owner = new_owner(app)
