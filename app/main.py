@@ -99,7 +99,11 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            webhooks=app.webhooks.routes,
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Problem"] = {
@@ -123,6 +127,11 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         }
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
+        for item in schema.get("webhooks", {}).values():  # what the service sends
+            for op in item.values():
+                op["responses"] = {
+                    "200": {"description": "any 2xx answer: delivered; else retried"}
+                }
         problem = {
             "description": "an error (RFC 9457 problem details)",
             "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
@@ -205,6 +214,7 @@ def create_app(
     # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys, webhooks)
     for module in (artifacts, deletes, fork, job_details, keys, webhooks):
         app.include_router(module.router)
+    app.webhooks.include_router(webhooks.events)  # documented under `webhooks`, not served
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
     app.add_middleware(ConditionalJobReads)  # outermost: a 304 skips everything else
     if settings.cors_origins:

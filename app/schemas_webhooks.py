@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import StorableText
+from app.schemas import JobOut, StorableText
 from service_core.models import DELIVERY_STATUSES
 from service_core.webhook_events import EVENT_TYPES
 from service_core.webhook_urls import MAX_URL_CHARS
@@ -81,3 +81,17 @@ class DeliveryOut(BaseModel):
     last_attempt_at: datetime | None = Field(description="the latest attempt")
     created_at: datetime = Field(description="when the event happened (UTC)")
     delivered_at: datetime | None = Field(description="when a 2xx answer came")
+
+
+class WebhookEventData(BaseModel):
+    job: JobOut = Field(description="the job as `GET /v1/jobs/{id}` showed it at the change")
+
+
+class WebhookEvent(BaseModel):
+    """What an endpoint receives (signed per Standard Webhooks: ``webhook-id``,
+    ``webhook-timestamp``, ``webhook-signature`` headers)."""
+
+    id: str = Field(description="the event id, also the `webhook-id` header (deduplicate on it)")
+    type: EventType = Field(description="`job.` + the job's new status")  # type: ignore[valid-type]
+    created_at: datetime = Field(description="when the status changed (UTC)")
+    data: WebhookEventData = Field(description="the job")

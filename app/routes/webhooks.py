@@ -25,6 +25,7 @@ from app.schemas_webhooks import (
     DeliveryStatus,
     WebhookCreate,
     WebhookCreated,
+    WebhookEvent,
     WebhookOut,
 )
 from service_core.models import (
@@ -39,6 +40,8 @@ from service_core.webhook_events import EVENT_TYPES, new_secret
 from service_core.webhook_urls import registration_problem
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+# what the service sends (the OpenAPI document's top-level `webhooks`)
+events = APIRouter()
 
 CURSOR = Query(
     None, max_length=18, pattern=r"^[0-9]*$", description="cursor: `next_after` of a page"
@@ -256,3 +259,16 @@ def list_deliveries(
             data=[delivery_out(r) for r in rows], has_more=has_more, next_after=cursor
         )
     )
+
+
+@events.post(
+    "job-status-changed",
+    summary="A job's status changed (sent to your webhook endpoints)",
+    description="POSTed to each of your endpoints that takes the event's `type`, as JSON, "
+    "with the headers `webhook-id`, `webhook-timestamp` and `webhook-signature` (`v1,` + "
+    "base64 HMAC-SHA256 of `{webhook-id}.{webhook-timestamp}.{body}` with the key in your "
+    "secret). Answer 2xx within the timeout; anything else is retried with back-off.",
+    status_code=200,
+)
+def job_status_changed(body: WebhookEvent) -> None:
+    """Documentation only: the service calls your URL, no route of it answers here."""

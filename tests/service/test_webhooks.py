@@ -468,3 +468,10 @@ def test_openapi_documents_the_webhook_routes(env):
         EVENT_TYPES
     )
     assert "secret" not in schemas["WebhookOut"]["properties"]
+    sent = app.openapi()["webhooks"]["job-status-changed"]["post"]
+    body = sent["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/WebhookEvent") and set(sent["responses"]) == {"200"}
+    event = schemas["WebhookEvent"]["properties"]
+    assert event["data"]["$ref"].endswith("/WebhookEventData")
+    assert schemas["WebhookEventData"]["properties"]["job"]["$ref"].endswith("/JobOut")
+    assert "job-status-changed" not in str(app.openapi()["paths"])  # documented, not served
