@@ -1,6 +1,6 @@
 """/v1/webhooks: an owner's endpoints told of job status changes, and their delivery log.
 
-The signing secret is shown once, in the answer that creates (or rotates) it. An URL whose
+The signing secret is shown once, in the answer that creates (or rotates) it. A URL whose
 host is not public is refused unless the operator allows it (service_core.webhook_urls).
 These POSTs ignore ``Idempotency-Key``: replaying one would need the secret stored with it.
 """

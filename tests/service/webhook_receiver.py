@@ -88,7 +88,7 @@ def receiver(path: str = "/hooks") -> Iterator[Receiver]:
 
 
 def closed_port_url() -> str:
-    """An URL on loopback where nothing listens."""
+    """A URL on loopback where nothing listens."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
