@@ -232,6 +232,29 @@ def test_private_addresses_are_refused_unless_allowed(tmp_path, env, hook):
     assert hook.received() == []
 
 
+def test_endpoints_per_owner_are_capped(tmp_path):
+    from fastapi.testclient import TestClient
+
+    capped = make_settings(tmp_path, webhook_max_endpoints=2)
+    upgrade(capped)
+    app = create_app(capped, enqueue=lambda ids: list(ids), broker_ping=lambda: None)
+    owner, other = new_owner(app), new_owner(app)
+    body = {"url": "https://93.184.215.14/h"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        ids = [client.post("/v1/webhooks", headers=owner.headers, json=body).json()["id"]]
+        ids.append(client.post("/v1/webhooks", headers=owner.headers, json=body).json()["id"])
+        problem = assert_problem(
+            client.post("/v1/webhooks", headers=owner.headers, json=body),
+            403,
+            "webhook_limit_reached",
+        )
+        assert problem["limit"] == 2 and problem["value"] == 3
+        assert client.post("/v1/webhooks", headers=other.headers, json=body).status_code == 201
+        client.delete(f"/v1/webhooks/{ids[0]}", headers=owner.headers)  # frees a place
+        assert client.post("/v1/webhooks", headers=owner.headers, json=body).status_code == 201
+    app.state.engine.dispose()
+
+
 # -- deliveries ---------------------------------------------------------------------------------
 
 
