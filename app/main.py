@@ -29,6 +29,7 @@ from app.routes import (
     keys,
     lineages,
     metrics,
+    webhooks,
 )
 from app.ui import routes as ui
 from service_core.db import make_engine, make_read_session_factory, make_session_factory
@@ -101,7 +102,11 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            webhooks=app.webhooks.routes,
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Problem"] = {
@@ -125,6 +130,11 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         }
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
+        for item in schema.get("webhooks", {}).values():  # what the service sends
+            for op in item.values():
+                op["responses"] = {
+                    "200": {"description": "any 2xx answer: delivered; else retried"}
+                }
         problem = {
             "description": "an error (RFC 9457 problem details)",
             "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
@@ -205,9 +215,10 @@ def create_app(
         app.include_router(router)
     for router in (corpora.router, jobs.router):
         app.include_router(router)
-    # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys)
-    for module in (artifacts, deletes, fork, job_details, keys, importance_summary):
+    # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys, webhooks)
+    for module in (artifacts, deletes, fork, job_details, keys, importance_summary, webhooks):
         app.include_router(module.router)
+    app.webhooks.include_router(webhooks.events)  # documented under `webhooks`, not served
     # the dashboard (docs/ui.md): its pages, and the login that sets the session cookie
     app.include_router(ui.router)
     app.mount("/ui/static", StaticFiles(directory=ui.STATIC), name="ui-static")

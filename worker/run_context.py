@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service_core.lifecycle import add_event, finish_job
+from service_core.lifecycle import add_event, finish_job, status_changed
 from service_core.models import (
     JOB_CANCELLED,
     JOB_CANCELLING,
@@ -252,6 +252,7 @@ class RunContext:
                 job.eta_seconds = None
                 job.enqueued_at = None
                 job.updated_at = utcnow()
+                status_changed(session, job)
                 add_event(
                     session,
                     job.id,

@@ -37,7 +37,7 @@ from app.schemas import (
 )
 from app.storable import encode_json
 from app.uploads import MultipartResult
-from service_core.lifecycle import add_event, is_runnable, mark_enqueued
+from service_core.lifecycle import add_event, is_runnable, mark_enqueued, status_changed
 from service_core.models import (
     JOB_QUEUED,
     Corpus,
@@ -200,6 +200,7 @@ def add_domain(
         f"stage {position} ({name}) queued",
         data={"corpus_id": corpus.id, "position": position},
     )
+    status_changed(session, job)
     session.flush()
     session.refresh(stage)
     return stage, job

@@ -454,7 +454,9 @@ class Served:
 
 
 @contextmanager
-def serve_embedded(data: Path, **overrides) -> Iterator[Served]:
+def serve_embedded(
+    data: Path, env_extra: dict[str, str] | None = None, **overrides
+) -> Iterator[Served]:
     """``das-service serve`` in the embedded default mode (SQLite, the filesystem broker, a
     real worker) on a free port of 127.0.0.1, once it answers /readyz and its worker is
     ready; killed on exit if still running."""
@@ -467,6 +469,7 @@ def serve_embedded(data: Path, **overrides) -> Iterator[Served]:
     env.pop("CELERY_BROKER_URL", None)
     port = free_port()
     env["PORT"] = str(port)
+    env.update(env_extra or {})
     log_path = data / "serve.log"
     log = log_path.open("wb")
     serve = [sys.executable, "-m", "app.cli", "serve"]

@@ -29,7 +29,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):  # noqa: ANN201
-    with serve_embedded(tmp_path_factory.mktemp("embedded"), max_upload_bytes=4 << 20) as s:
+    webhooks = {"DAS_WEBHOOK_ALLOW_PRIVATE": "true", "DAS_WEBHOOK_POLL_SECONDS": "0.2"}
+    data = tmp_path_factory.mktemp("embedded")
+    with serve_embedded(data, env_extra=webhooks, max_upload_bytes=4 << 20) as s:
         yield s.url, s.key, s.process, s.worker_pid, s.output
 
 
@@ -38,6 +40,36 @@ def test_serve_prints_url_and_key(served):
     text = output()
     assert url in text and key.startswith("das_")
     assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_the_embedded_worker_delivers_webhooks(served):
+    """The worker that ``serve`` starts runs the webhook dispatcher."""
+    from tests.service.webhook_receiver import receiver, verify
+
+    url, key, _, _, _ = served
+    with receiver() as hook, httpx.Client(base_url=url, timeout=60) as http:
+        http.headers["Authorization"] = f"Bearer {key}"
+        endpoint = http.post("/v1/webhooks", json={"url": hook.url}).json()
+        lineage = http.post(
+            "/v1/lineages",
+            json={"name": "hooked", "base_model": "tiny-roberta", "hyperparameters": TINY_HP},
+        ).json()["id"]
+        r = http.post(
+            f"/v1/lineages/{lineage}/domains",
+            data={"name": "news"},
+            files={"file": ("news.txt", io.BytesIO(corpus_text("news")))},
+        )
+        job = r.json()["job"]["id"]
+        assert http.post(f"/v1/jobs/{job}/cancel").status_code == 202
+
+        def types() -> list[str]:
+            return [r.json["type"] for r in hook.of_job(job)]
+
+        wait_for(lambda: "job.cancelled" in types(), 60, "the job.cancelled event")
+        assert types()[0] == "job.queued"
+        assert all(verify(endpoint["secret"], r) for r in hook.received())
+        deliveries = http.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"]
+        assert {d["status"] for d in deliveries} == {"delivered"}
 
 
 def test_walkthrough_over_http(served, tmp_path):
