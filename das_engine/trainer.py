@@ -14,8 +14,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,27 +29,9 @@ from das_engine.errors import Cancelled, IncompatibleConfigError
 from das_engine.objective import Batcher
 from das_engine.optimizer_state import load_training_state, save_training_state
 from das_engine.precision import Precision, resolve_mode
+from das_engine.progress import CancelFn, ProgressEvent, ProgressFn
 from das_engine.storage import atomic_dir
 from das_engine.strategies.base import Strategy
-
-
-@dataclass
-class ProgressEvent:
-    phase: str  # "importance" | "training" | "evaluating"
-    step: int
-    total: int
-    loss: float | None = None
-    tokens_per_s: float | None = None
-    eta_s: float | None = None
-    trained_tokens: int = 0
-    message: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-ProgressFn = Callable[[ProgressEvent], None]
-CancelFn = Callable[[], bool]
 
 
 def select_device(preference: str = "auto") -> torch.device:

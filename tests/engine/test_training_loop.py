@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import das_engine.lineage as lineage_mod
+import das_engine.strategies.das_importance as das_importance_mod
 import das_engine.trainer as trainer_mod
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, build_datasets
@@ -236,7 +237,8 @@ def test_crash_after_training_resumes_without_retraining(tmp_path, corpora, monk
     straight.add_domain(corpora[0], "legal")
 
     lin = Lineage.create(tmp_path / "broken", "tiny-roberta", CFG)
-    real = getattr(lineage_mod, fails)
+    module = das_importance_mod if fails == "domain_importance" else lineage_mod
+    real = getattr(module, fails)
     calls = {"n": 0}
 
     def crash(*a, **k):
@@ -246,7 +248,7 @@ def test_crash_after_training_resumes_without_retraining(tmp_path, corpora, monk
             raise RuntimeError("simulated crash after training")
         return real(*a, **k)
 
-    monkeypatch.setattr(lineage_mod, fails, crash)
+    monkeypatch.setattr(module, fails, crash)
     with pytest.raises(RuntimeError, match="simulated"):
         lin.add_domain(corpora[0], "legal")
     partial = next((lin.path / "stages").glob("*.partial"))
