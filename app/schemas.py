@@ -10,12 +10,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from app.hyperparameters import hyperparameters_schema
 from app.storable import text_problem
 from das_engine.config import STRATEGIES
+from das_engine.names import DOMAIN_NAME_PATTERN
 
 T = TypeVar("T")
 # every strategy the engine ships (das, ncl, one and the paper's baselines)
 StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
-
-DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 def _storable(value: str) -> str:

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from das_engine import distributed
-from das_engine.errors import CorpusError, DasError
+from das_engine.errors import CorpusError, DasError, LineageError
+from das_engine.names import domain_name_problem
 
 # flags that map onto TrainingConfig fields (None = not given, keep the default)
 CONFIG_FLAGS: dict[str, tuple[str, type]] = {
@@ -72,6 +73,13 @@ def _domain_args(items: list[str]) -> list[tuple[str, Path]]:
             name = Path(item).name.split(".")[0]
         out.append((name, Path(path)))
     return out
+
+
+def _check_names(names: list[str]) -> None:
+    for name in names:
+        problem = domain_name_problem(name)
+        if problem:
+            raise LineageError(f"{name!r}: {problem} (name a corpus with NAME=PATH)")
 
 
 class ProgressPrinter:
@@ -158,6 +166,7 @@ def cmd_run(args) -> None:
     missing = [str(p) for _, p in domains if not p.is_file()]
     if missing:
         raise CorpusError(f"corpus file(s) not found: {', '.join(missing)}")
+    _check_names([name for name, _ in domains])  # before the lineage is created
     lineage = distributed.run_on_main(
         lambda: Lineage.create(
             Path(args.out),

@@ -18,8 +18,6 @@ lineage as it was plus a partial stage that the next ``add_domain`` resumes.
 from __future__ import annotations
 
 import fcntl
-import math
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -35,7 +33,9 @@ from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, build_single_split
 from das_engine.errors import Cancelled, DomainExistsError, LineageBusyError, LineageError
 from das_engine.evaluate import heldout_loss
+from das_engine.jsonsafe import finite
 from das_engine.metrics import summarize
+from das_engine.names import domain_name_problem
 from das_engine.objective import Batcher
 from das_engine.precision import Precision, save_dtype_for, save_pretrained_as
 from das_engine.preflight import preflight
@@ -43,13 +43,13 @@ from das_engine.progress import CancelFn, ProgressEvent, ProgressFn, no_progress
 from das_engine.stage_dir import PartialStage, sha256_file
 from das_engine.storage import atomic_dir, read_json, write_json
 from das_engine.strategies import StageContext, make_strategy
+from das_engine.strategies.das_importance import GENERAL_FILE
 from das_engine.trainer import Trainer, TrainSummary, apply_freezing
 from das_engine.units import build_unit_map
 
 FORMAT_VERSION = 1
-NAME_RE = re.compile(r"^[\w][\w .,:+()/-]{0,99}$", re.UNICODE)
 
-__all__ = ["Lineage", "ProgressEvent", "StageInfo", "StageResult", "sha256_file"]
+__all__ = ["Artifact", "Lineage", "ProgressEvent", "StageInfo", "StageResult", "sha256_file"]
 
 
 @dataclass
@@ -70,6 +70,19 @@ class StageInfo:
     @property
     def eval_dir(self) -> Path:
         return self.dir / "data" / "eval"
+
+
+IMPORTANCE_KINDS = ("general", "domain", "accumulated")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file (or HF directory) of a stage: ``kind`` is "checkpoint" or an importance
+    kind (``IMPORTANCE_KINDS``); ``stats`` its summary statistics, when it has some."""
+
+    kind: str
+    path: Path
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -107,10 +120,6 @@ class StageResult:
             seconds=meta.get("seconds") or 0.0,
             resumed_from_step=meta.get("resumed_from_step") or 0,
         )
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 class Lineage:
@@ -167,7 +176,7 @@ class Lineage:
             unit_map = build_unit_map(model)
             precision = Precision.for_stage(cfg, device)
             loss = lineage._eval(model, unit_map, tokenizer, path / "general" / "eval", precision)
-            meta["general"] = {"corpus": str(general_corpus), "base_loss": _finite(loss)}
+            meta["general"] = {"corpus": str(general_corpus), "base_loss": finite(loss)}
         write_json(path / "lineage.json", meta)
         return lineage
 
@@ -221,6 +230,22 @@ class Lineage:
         info = self.stage(position)
         return StageResult.from_meta(info.dir, info.meta)
 
+    def artifacts(self, position: int) -> list[Artifact]:
+        """The files that belong with the complete stage at ``position``: its checkpoint,
+        then the importance snapshots (the lineage's I_general they build on, the stage's
+        I(t) and I_acc(t)) with their summary statistics. What a caller stores or serves,
+        without knowing the directory layout."""
+        info = self.stage(position)
+        out = [Artifact("checkpoint", info.model_dir, {})]
+        general = self.path / GENERAL_FILE
+        if general.is_file():
+            out.append(Artifact("general", general, {}))
+        stats = info.meta.get("importance") or {}
+        for path in sorted(info.importance_dir.glob("*.safetensors")):
+            kind = path.stem if path.stem in IMPORTANCE_KINDS else "domain"
+            out.append(Artifact(kind, path, stats.get(kind, {})))
+        return out
+
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """One writer per lineage: a second trainer on the same lineage fails fast."""
@@ -264,10 +289,9 @@ class Lineage:
         """Train the next stage on ``corpus``; resume it if a partial stage of that name exists."""
         progress = progress or no_progress
         should_cancel = should_cancel or (lambda: False)
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise LineageError(
-                "domain name must be 1-100 characters: letters, digits, space and . , : + ( ) / -"
-            )
+        problem = domain_name_problem(name)
+        if problem:
+            raise LineageError(problem)
         corpus = Path(corpus)
         if not corpus.is_file():
             raise LineageError(f"corpus file {corpus} does not exist")
@@ -356,7 +380,7 @@ class Lineage:
             )
         )
         column: dict[str, float | None] = {}
-        column["0" if ctx.from_base else str(position - 1)] = _finite(
+        column["0" if ctx.from_base else str(position - 1)] = finite(
             self._eval(ctx.model, ctx.unit_map, tokenizer, stage.eval_dir, ctx.precision)
         )
         for key, mdir in [("0", self.base_dir)] + [
@@ -365,7 +389,7 @@ class Lineage:
             if key in column:
                 continue
             other = load_model(mdir).to(ctx.device)
-            column[key] = _finite(
+            column[key] = finite(
                 self._eval(other, build_unit_map(other), tokenizer, stage.eval_dir, ctx.precision)
             )
             del other
@@ -401,7 +425,7 @@ class Lineage:
         ctx.progress(ProgressEvent("evaluating", 0, stage.position, message="held-out evaluation"))
 
         def score(split_dir: Path) -> float | None:
-            return _finite(self._eval(model, ctx.unit_map, tokenizer, split_dir, ctx.precision))
+            return finite(self._eval(model, ctx.unit_map, tokenizer, split_dir, ctx.precision))
 
         row = {s.name: score(s.eval_dir) for s in previous}
         row[stage.name] = score(stage.eval_dir)
