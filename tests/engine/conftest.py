@@ -100,3 +100,16 @@ def corpora(tmp_path) -> tuple[Path, Path]:
 def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def stage_data(tmp_path_factory, tokenizer) -> Path:
+    """A tokenized training split (block size 32) of the legal corpus, for trainers."""
+    from das_engine.data import build_datasets
+
+    root = tmp_path_factory.mktemp("stage")
+    corpus = write_corpus(root / "legal.txt", LEGAL)
+    build_datasets(
+        corpus, tokenizer, root / "data", block_size=32, objective="mlm", eval_fraction=0.1, seed=0
+    )
+    return root / "data" / "train"

@@ -16,7 +16,7 @@ import das_engine.lineage as lineage_mod
 import das_engine.strategies.das_importance as das_importance_mod
 import das_engine.trainer as trainer_mod
 from das_engine.config import TrainingConfig
-from das_engine.data import ChunkStore, build_datasets
+from das_engine.data import ChunkStore
 from das_engine.errors import Cancelled, ConfigError
 from das_engine.lineage import Lineage
 from das_engine.objective import Batcher
@@ -25,7 +25,7 @@ from das_engine.strategies import StageContext, make_strategy
 from das_engine.trainer import Trainer, gradient_checkpointing_active, make_scheduler
 from das_engine.units import build_unit_map
 
-from .conftest import LEGAL, TINY_CONFIG, params_equal, tiny, write_corpus
+from .conftest import TINY_CONFIG, params_equal, tiny
 
 CFG = {**TINY_CONFIG, "max_steps": 4, "checkpoint_every": 10}
 
@@ -85,16 +85,6 @@ def test_warmup_restarts_at_every_stage(tmp_path, corpora, monkeypatch):
 
 
 # -- a trainer on its own (no lineage) -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stage_data(tmp_path_factory, tokenizer) -> Path:
-    root = tmp_path_factory.mktemp("stage")
-    corpus = write_corpus(root / "legal.txt", LEGAL)
-    build_datasets(
-        corpus, tokenizer, root / "data", block_size=32, objective="mlm", eval_fraction=0.1, seed=0
-    )
-    return root / "data" / "train"
 
 
 def _trainer(tokenizer, train_dir: Path, ckpt: Path, precision=None, **overrides) -> Trainer:
