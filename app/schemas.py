@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 from app.hyperparameters import hyperparameters_schema
 from app.storable import text_problem
+from das_engine.names import DOMAIN_NAME_PATTERN
 from das_engine.strategy_registry import strategy_names
 
 # defined with their presenter, which webhook events use too (re-exported)
@@ -18,8 +19,6 @@ from service_core.job_view import JobOut as JobOut
 T = TypeVar("T")
 # every strategy the engine ships (das_engine/strategies/, found by its registry)
 StrategyName = Literal[strategy_names()]  # type: ignore[valid-type]
-
-DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 def _storable(value: str) -> str:

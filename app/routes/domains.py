@@ -29,7 +29,6 @@ from app.problems import Problem
 from app.queries import owned_corpus, owned_lineage
 from app.ratelimit import write_access
 from app.schemas import (
-    DOMAIN_NAME_PATTERN,
     DomainAccepted,
     DomainCreate,
     EndTaskAttach,
@@ -37,6 +36,7 @@ from app.schemas import (
 )
 from app.storable import encode_json
 from app.uploads import MultipartResult
+from das_engine.names import DOMAIN_NAME_PATTERN
 from service_core.lifecycle import add_event, is_runnable, mark_enqueued, status_changed
 from service_core.models import (
     JOB_QUEUED,

@@ -1,9 +1,10 @@
 """The small interface every continual-learning strategy implements.
 
-The trainer calls, per stage: ``prepare`` once, ``build_optimizer`` once, then per
+Per stage, the lineage calls ``begin_stage`` (before it scores the earlier models on the
+new domain) and ``prepare``; the trainer calls ``build_optimizer`` once, then per
 optimizer step ``loss`` (per micro-batch), ``after_backward``, ``before_step``,
-``after_step``; the lineage then calls
-``finish`` and saves ``final_model``. A strategy is a recipe
+``after_step``; the lineage then calls ``finish``, takes ``final_model`` and calls
+``end_stage`` (before the held-out evaluation and the commit). A strategy is a recipe
 over the tested components (units, importance, softmask, contrastive).
 
 A subclass with its own ``name`` registers itself (``REGISTRY``); its parameters, if any,
@@ -24,6 +25,8 @@ from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore
 from das_engine.importance import Importance
 from das_engine.objective import Batcher, lm_forward
+from das_engine.precision import Precision
+from das_engine.progress import ProgressFn, no_progress
 from das_engine.strategy_params import StrategyParams
 from das_engine.units import UnitMap
 
@@ -42,6 +45,12 @@ class StageContext:
     base_dir: Path | None = None  # the lineage's base model (HF directory)
     train_store: ChunkStore | None = None
     batcher: Batcher | None = None
+    # for the stage hooks (``begin_stage``/``end_stage``); the lineage sets them
+    lineage_dir: Path | None = None  # the lineage's own files (e.g. ``importance/``)
+    domain: str = ""  # the new domain's name
+    from_base: bool = False  # ``model`` was loaded from the base (stage 1, or ONE)
+    precision: Precision | None = None  # the stage's precision context
+    progress: ProgressFn = no_progress
 
     @property
     def device(self) -> torch.device:
@@ -59,8 +68,6 @@ class Strategy:
     name = "base"
     #: start every stage from the base model instead of the previous stage (ONE)
     starts_from_base = False
-    #: compute general importance at stage 1 and domain importance after each stage
-    uses_importance = False
     #: the strategy's own parameters (a StrategyParams dataclass of the same file), or None
     params: type[StrategyParams] | StrategyParams | None = None
 
@@ -80,6 +87,11 @@ class Strategy:
     def __init__(self, config: TrainingConfig) -> None:
         self.config = config
         self.params = config.strategy_params(self.name)  # this strategy's, or None
+
+    def begin_stage(self, ctx: StageContext) -> None:
+        """Before the earlier models are scored on the new domain and before ``prepare``:
+        derive what this stage needs from the earlier ones (DAS: I_acc(t-1), measuring
+        I_general at stage 1). Runs on every rank, before any weight changes."""
 
     def prepare(self, ctx: StageContext) -> None:
         self.ctx = ctx
@@ -116,6 +128,12 @@ class Strategy:
     def final_model(self, model: nn.Module) -> nn.Module:
         """The model to save as the stage checkpoint (e.g. adapters merged into weights)."""
         return model
+
+    def end_stage(self, ctx: StageContext, model: nn.Module) -> dict:
+        """After ``final_model``, before the held-out evaluation: measure what later stages
+        need from the trained ``model`` (DAS: I(t), I_acc(t)) and save it under
+        ``ctx.stage_dir``. Returns entries for the stage's ``stage.json``."""
+        return {}
 
 
 def _all_on_cuda(params: list) -> bool:

@@ -127,3 +127,16 @@ def run_without_das_engine(code: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
     )
+
+
+@pytest.fixture(scope="module")
+def stage_data(tmp_path_factory, tokenizer) -> Path:
+    """A tokenized training split (block size 32) of the legal corpus, for trainers."""
+    from das_engine.data import build_datasets
+
+    root = tmp_path_factory.mktemp("stage")
+    corpus = write_corpus(root / "legal.txt", LEGAL)
+    build_datasets(
+        corpus, tokenizer, root / "data", block_size=32, objective="mlm", eval_fraction=0.1, seed=0
+    )
+    return root / "data" / "train"

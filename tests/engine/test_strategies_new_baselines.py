@@ -19,6 +19,7 @@ from das_engine.data import ChunkStore
 from das_engine.errors import Cancelled
 from das_engine.lineage import Lineage
 from das_engine.strategies import StageContext, make_strategy
+from das_engine.strategies.das import DAS
 from das_engine.strategies.merge import MergeParams, merged_tensor, ties_merge, trim_top
 from das_engine.strategies.replay_mix import FILE as MIX_FILE
 from das_engine.strategies.replay_mix import ReplayMix, reservoir_add, rewarm_cosine
@@ -333,7 +334,7 @@ def test_new_strategy_runs_two_domains_from_the_cli(
 def test_das_merge_is_das_training_then_a_merge(tiny, tmp_path, corpora):
     ctx = context(tiny, tmp_path, corpora["farm"], strategy="das_merge", merge_alpha=0.0)
     strategy = make_strategy(ctx.config)
-    assert strategy.uses_importance and isinstance(ctx, StageContext)
+    assert isinstance(strategy, DAS) and isinstance(ctx, StageContext)  # importance hooks
     strategy.prepare(ctx)
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
     with torch.no_grad():

@@ -225,7 +225,9 @@ def test_duplicate_domain_name_is_409(client, alice, lineage, news):
     assert_problem(add_domain(client, alice, lineage["id"], news, "news"), 409, "domain_exists")
 
 
-@pytest.mark.parametrize("name", ["", "a b", "../x", "x" * 65, "-start", "naïve"])
+@pytest.mark.parametrize(
+    "name", ["", "a b", "../x", "x" * 65, "-start", "naïve", "新闻", "ｎｅｗｓ", "news🙂"]
+)
 def test_invalid_domain_names_are_422(client, alice, lineage, news, name):
     assert_problem(add_domain(client, alice, lineage["id"], news, name), 422, "validation_error")
 
