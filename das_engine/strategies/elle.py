@@ -137,7 +137,8 @@ def prompted_inputs(
 
 def _domain_of(stage_dir: Path) -> str:
     meta = stage_dir / "stage.json"
-    return read_json(meta).get("name", stage_name(stage_dir)) if meta.exists() else ""
+    name = read_json(meta).get("name") if meta.exists() else None
+    return name or stage_name(stage_dir)
 
 
 class Elle(ReplayMix):
