@@ -14,6 +14,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from das_engine import cli
 from das_engine.bases import build_tiny_model, bundled_tokenizer
+from das_engine.end_task import end_task_matrix
 from das_engine.expansion import (
     deepen,
     logits,
@@ -258,6 +259,17 @@ def test_elle_grows_the_model_between_stages_through_the_cli(engine_cache, tmp_p
     assert all(p.shape == (4, model.config.hidden_size) for p in prompts.values())
     # earlier domains' prompts are carried unchanged
     assert torch.equal(load_prompts(lin.stages[0].dir)["farm"], prompts["farm"])
+    # end-task probes load every stage, each with its own size
+    words = baselines.WORDS
+    task = tmp_path / "task.jsonl"
+    rows = [
+        {"text": " ".join(words[k][i % 12 :] + words[k][: i % 12]), "label": k}
+        for k in ("farm", "sea")
+        for i in range(24)
+    ]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = end_task_matrix(lin, {"farm": task})
+    assert len(scores["macro_f1"]) == 4 and all(r[0] is not None for r in scores["macro_f1"])
 
 
 def test_a_resumed_elle_stage_ends_like_an_uninterrupted_one(engine_cache, tmp_path, corpora):
