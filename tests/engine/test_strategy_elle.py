@@ -10,10 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from das_engine import cli
-from das_engine.bases import build_tiny_model, bundled_tokenizer
+from das_engine.bases import build_tiny_model, bundled_tokenizer, save_base
 from das_engine.end_task import end_task_matrix
 from das_engine.expansion import (
     deepen,
@@ -272,6 +272,30 @@ def test_elle_grows_the_model_between_stages_through_the_cli(engine_cache, tmp_p
     assert len(scores["macro_f1"]) == 4 and all(r[0] is not None for r in scores["macro_f1"])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_elle_lineage_on_a_decoder_grows_and_loads(arch, engine_cache, tmp_path, corpora):
+    """Causal LM: prompts before the tokens, labels on the real tokens; the grown stage is
+    a plain, larger checkpoint whose logits the prompt changes."""
+    tok = bundled_tokenizer(decoder=True)
+    base = tmp_path / "base"
+    model = build_tiny_model(tok, architecture=arch, hidden_size=32, layers=2, intermediate_size=64)
+    save_base(model, tok, base)
+    cfg = {**baselines.TINY, "strategy": "elle", "elle_new_layers": 2, "elle_ffn_growth": 1.0}
+    lin = Lineage.create(tmp_path / "lin", str(base), cfg | {"elle_warmup_steps": 2})
+    lin.add_domain(corpora["farm"], "farm")
+    lin.add_domain(corpora["sea"], "sea")
+    assert all(x is not None for row in lin.metrics()["loss_matrix"] for x in row)
+    grown = AutoModelForCausalLM.from_pretrained(lin.stages[-1].model_dir).eval()
+    key = "n_inner" if arch == "gpt2" else "intermediate_size"
+    assert getattr(grown.config, key) == 128 and grown.config.num_hidden_layers == 4
+    batch = a_batch()
+    with torch.no_grad():
+        plain = grown(**batch).logits
+        inputs = prompted_inputs(grown, **batch, prompts=load_prompts(lin.stages[-1].dir)["sea"])
+        prompted = grown(**inputs).logits[:, 8:]
+    assert plain.shape == prompted.shape and not torch.allclose(plain, prompted)
+
+
 def test_a_resumed_elle_stage_ends_like_an_uninterrupted_one(engine_cache, tmp_path, corpora):
     from das_engine.errors import Cancelled
 
@@ -302,3 +326,13 @@ def baselines_weights(model_dir):
     from safetensors.torch import load_file
 
     return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_prompts_longer_than_the_free_positions_are_refused(tiny_dir, tmp_path, corpora):
+    from das_engine.errors import IncompatibleConfigError
+
+    ctx = baselines.context(
+        tiny_dir, tmp_path, corpora["farm"], strategy="elle", block_size=300, elle_prompt_tokens=256
+    )  # the tiny RoBERTa has 512 positions (+2): 300 + 256 do not fit
+    with pytest.raises(IncompatibleConfigError, match="elle_prompt_tokens"):
+        make_strategy(ctx.config).prepare(ctx)
