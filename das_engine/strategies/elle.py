@@ -160,7 +160,7 @@ class Elle(ReplayMix):
         super().prepare(ctx)
         p, model = self.params, ctx.model
         position = len(ctx.previous_stage_dirs) + 1
-        self.growth: dict = {"parameters_before": parameter_count(model)}
+        self.growth: dict = {"parameters_before": parameter_count(model), "expanded": False}
         if position > 1 or p.elle_expand_first_stage:
             self._grow(ctx, seed=self.config.seed * 1_009 + position)
         self.growth.update(

@@ -336,3 +336,19 @@ def test_prompts_longer_than_the_free_positions_are_refused(tiny_dir, tmp_path, 
     )  # the tiny RoBERTa has 512 positions (+2): 300 + 256 do not fit
     with pytest.raises(IncompatibleConfigError, match="elle_prompt_tokens"):
         make_strategy(ctx.config).prepare(ctx)
+
+
+def test_growing_the_base_before_stage_one_warms_up_on_the_new_domain(tiny_dir, tmp_path, corpora):
+    cfg = {"elle_expand_first_stage": True, "elle_new_layers": 1, "elle_warmup_steps": 3}
+    ctx = baselines.context(tiny_dir, tmp_path, corpora["farm"], strategy="elle", **cfg)
+    with torch.no_grad():  # trained norms: the inserted post-LN block is not the identity
+        for name, p in ctx.model.named_parameters():
+            if "LayerNorm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    strategy = make_strategy(ctx.config)
+    strategy.prepare(ctx)  # nothing to replay yet: the warm-up reads the stage's own chunks
+    growth = strategy.growth
+    assert growth["expanded"] and growth["num_layers"] == 3 and growth["warmup_steps"] == 3
+    assert growth["parameters"] > growth["parameters_before"]
+    first, last = growth["warmup_gap"]
+    assert last < first and ctx.unit_map.num_layers == 3
