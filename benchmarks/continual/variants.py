@@ -181,6 +181,9 @@ KNOWN: dict[str, Variant] = {
         ),
         Variant("merge", "merge", note="task arithmetic with the previous stage, alpha 0.5"),
         Variant(
+            "elle", "elle", note="ELLE: FFN +25% per stage, recovery warm-up, prompts, 5% replay"
+        ),
+        Variant(
             "merge_ties",
             "merge",
             {"merge_method": "ties", "merge_density": 0.2},

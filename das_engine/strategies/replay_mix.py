@@ -107,6 +107,15 @@ class ReplayMix(Strategy):
     name = "replay_mix"
     params = ReplayMixParams
 
+    @property
+    def replay_ratio(self) -> float:
+        """Share of each batch replayed (a subclass reusing the buffer names its own)."""
+        return self.params.replay_ratio
+
+    @property
+    def buffer_size(self) -> int:
+        return self.params.replay_mix_buffer_size
+
     def prepare(self, ctx: StageContext) -> None:
         super().prepare(ctx)
         previous = ctx.previous_stage_dirs
@@ -129,11 +138,11 @@ class ReplayMix(Strategy):
         The draw is seeded by the batch's own tokens, so a resumed run replays the same."""
         entries = self.buffer["entries"]
         b = batch["input_ids"].shape[0]
-        if not entries or self.params.replay_ratio == 0:
+        if not entries or self.replay_ratio == 0:
             return batch, []
         digest = zlib.crc32(batch["input_ids"].cpu().numpy().tobytes())
         rng = random.Random(self.config.seed * 1_000_003 + digest)
-        want = self.params.replay_ratio * b
+        want = self.replay_ratio * b
         k = min(b, int(want) + (rng.random() < want - int(want)))
         if k == 0:
             return batch, []
@@ -168,7 +177,7 @@ class ReplayMix(Strategy):
             self.buffer,
             stage_name(ctx.stage_dir),
             len(ctx.train_store),
-            self.params.replay_mix_buffer_size,
+            self.buffer_size,
             rng,
         )
         write_json(ctx.strategy_dir() / FILE, self.buffer)

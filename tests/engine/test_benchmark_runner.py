@@ -56,7 +56,7 @@ def test_controls_are_always_added():
     lean = [v.name for v in expand(["das_emb_ln"], studies=False)]
     assert set(CONTROLS) <= set(lean) and not {"das_gradient", "das_rank"} & set(lean)
     # the current-practice baselines (issue 11), DAS + merge pinned like every DAS variant
-    new = {v.name: v for v in expand(["replay_mix", "merge", "merge_ties", "das_merge"])}
+    new = {v.name: v for v in expand(["replay_mix", "merge", "merge_ties", "das_merge", "elle"])}
     assert new["das_merge"].config({}, seed=0)["contrast_weight"] == 1.0
     assert new["merge_ties"].config({}, seed=0)["merge_method"] == "ties"
     for v in new.values():  # each one a valid config of a registered strategy

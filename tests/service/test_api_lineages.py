@@ -87,6 +87,18 @@ def test_strategy_parameters_are_flat_hyperparameters(client, alice):
     assert r.json()["strategy"] == "replay_mix" and r.json()["hyperparameters"] == hp
 
 
+def test_elle_is_a_strategy_with_validated_parameters(client, alice):
+    """ELLE (a strategy file, found by the registry): its parameters are checked by the API."""
+    bad = {"elle_ffn_growth": -0.5, "elle_warmup_loss": "cosine", "elle_prompt_tokens": 1.5}
+    r = create_lineage(client, alice, strategy="elle", hyperparameters=bad)
+    fields = {e["field"] for e in assert_problem(r, 422, "invalid_hyperparameters")["errors"]}
+    assert fields == {f"hyperparameters.{k}" for k in bad}
+    hp = {**TINY_HP, "elle_ffn_growth": 0.5, "elle_new_layers": 1, "elle_warmup_loss": "mse"}
+    r = create_lineage(client, alice, strategy="elle", hyperparameters=hp)
+    assert r.status_code == 201, r.text
+    assert r.json()["strategy"] == "elle" and r.json()["hyperparameters"] == hp
+
+
 @pytest.mark.parametrize(
     "base", ["no-such-model", "/etc", "../../models/x", "~/models", "some-org/some-model", "."]
 )
