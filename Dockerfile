@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The DAS service's images, from one file; build from the repository root:
 #
-#   docker build --target api        -t das-api .          # the REST API (CPU torch)
+#   docker build --target api        -t das-api .          # the REST API and /ui (CPU torch)
 #   docker build --target worker     -t das-worker .       # a CPU training worker
 #   docker build --target worker-gpu -t das-worker-gpu .   # a CUDA training worker
 #

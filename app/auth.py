@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.problems import Problem
 from app.storable import text_problem
+from app.ui.sessions import COOKIE, CSRF_HEADER, close_session, csrf_ok, read_session
 from service_core.models import ApiKey
 
 KEY_PREFIX = "das_"
@@ -77,12 +78,45 @@ async def get_session(request: Request):  # noqa: ANN201 - a FastAPI generator d
         session.close()
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _from_cookie(request: Request, token: str) -> Principal:
+    """The dashboard's session cookie (app/ui/sessions.py): the key it stands for must still
+    be valid, and a write must carry the session's CSRF token in a header (which a form or
+    a link from another site cannot send)."""
+    data_dir = request.app.state.settings.data_dir
+    browser = read_session(data_dir, token)
+    if browser is None:
+        raise _unauthorized("the session has expired or was closed; log in again")
+    with request.app.state.read_session_factory() as session:
+        api_key = session.get(ApiKey, browser.key_id)
+        if api_key is None or api_key.revoked_at is not None or api_key.owner != browser.owner:
+            close_session(data_dir, token)
+            raise _unauthorized("the session's API key was revoked; log in again")
+    if request.method not in SAFE_METHODS and not csrf_ok(
+        browser, request.headers.get(CSRF_HEADER)
+    ):
+        raise Problem(
+            403,
+            "csrf_failed",
+            f"a write with the session cookie needs the {CSRF_HEADER} header of the session",
+        )
+    principal = Principal(owner=browser.owner, key_id=browser.key_id)
+    request.state.principal = principal
+    return principal
+
+
 def authenticate(request: Request) -> Principal:
-    """The caller's identity from ``Authorization: Bearer <key>`` (401 otherwise). Uses a
-    session of its own, closed at once, so that no lock is held for the whole request."""
+    """The caller's identity from ``Authorization: Bearer <key>``, or else from the
+    dashboard's session cookie (401 otherwise). Uses a session of its own, closed at once,
+    so that no lock is held for the whole request."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
+        cookie = request.cookies.get(COOKIE)
+        if cookie:
+            return _from_cookie(request, cookie)
         raise _unauthorized("missing Authorization header (expected 'Bearer <api key>')")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("the Authorization header must be 'Bearer <api key>'")

@@ -2,8 +2,11 @@
 
 Names, types, defaults and enums come from the dataclass itself (``dataclasses.fields``
 and its type hints; ``das_engine.config`` imports no torch), so a field added to the engine
-appears in the OpenAPI document at once. What the dataclass cannot say -- a sentence per
-field and the ranges ``TrainingConfig.validate`` enforces -- is kept here;
+appears in the OpenAPI document at once. Each strategy's own parameters (flat keys such as
+``ewc_lambda``) come from its params dataclass, found by ``das_engine.strategy_registry``,
+with the description and range declared there. What the general fields' dataclass cannot
+say -- a sentence per field and the ranges ``TrainingConfig.validate`` enforces -- is kept
+here;
 ``tests/service/test_openapi.py`` checks that every field has a description and that each
 range here is the one the engine enforces. Validation itself stays the engine's: the schema
 documents the JSON the service accepts, it does not replace the check.
@@ -94,24 +97,6 @@ FIELDS: dict[str, tuple[str, Range]] = {
         "Free-form values kept with the lineage (any JSON object, at most 32 levels deep).",
         (None, None, False),
     ),
-    "kd_weight": ("Strategy `kd`: weight of the distillation loss.", (0.0, 1e4, False)),
-    "ewc_lambda": ("Strategy `ewc`: penalty weight lambda.", (0.0, 1e12, False)),
-    "ewc_gamma": ("Strategy `ewc`: online decay of the accumulated Fisher.", (0.0, 1.0, False)),
-    "ewc_fisher_samples": (
-        "Strategy `ewc`: chunks used to estimate a domain's Fisher.",
-        (1, 100000, False),
-    ),
-    "replay_buffer_size": ("Strategy `replay`: chunks kept in the buffer.", (1, 10**6, False)),
-    "replay_alpha": (
-        "Strategy `replay` (DER++): weight of the stored-output matching.",
-        (0.0, 1e4, False),
-    ),
-    "replay_beta": (
-        "Strategy `replay` (DER++): weight of the LM loss on replayed chunks.",
-        (0.0, 1e4, False),
-    ),
-    "adapter_rank": ("Strategy `adapter`: LoRA rank.", (1, 4096, False)),
-    "adapter_alpha": ("Strategy `adapter`: LoRA scaling numerator.", (0.0, 1e4, True)),
     # precision and training loop (docs/engine.md, "Precision and training loop")
     "save_dtype": (
         "Dtype of each stage checkpoint; `auto` = the base model's own (bf16 base, bf16 "
@@ -171,20 +156,36 @@ def hyperparameters_schema() -> dict[str, Any]:
     return copy.deepcopy(_schema())
 
 
-@lru_cache
-def _schema() -> dict[str, Any]:
-    from das_engine.config import STRATEGIES, TrainingConfig
+def _fields() -> list[tuple[dataclasses.Field, Any, tuple[str, Range]]]:
+    """(field, type hint, (description, range)) of every key ``from_dict`` accepts."""
+    from das_engine.config import TrainingConfig
+    from das_engine.strategy_params import DESCRIPTION, RANGE
+    from das_engine.strategy_registry import params_classes
 
     hints = typing.get_type_hints(TrainingConfig)
-    properties: dict[str, Any] = {}
+    out = []
     for f in dataclasses.fields(TrainingConfig):
-        schema = _type_schema(hints[f.name])
+        if f.name != "params":
+            no_doc: tuple[str, Range] = (f.metadata.get("description", ""), (None, None, False))
+            out.append((f, hints[f.name], FIELDS.get(f.name, no_doc)))
+    for cls in params_classes().values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out.append((f, hints[f.name], (f.metadata[DESCRIPTION], f.metadata[RANGE])))
+    return out
+
+
+@lru_cache
+def _schema() -> dict[str, Any]:
+    from das_engine.strategy_registry import strategy_names
+
+    properties: dict[str, Any] = {}
+    for f, hint, (description, bounds) in _fields():
+        schema = _type_schema(hint)
         if f.name == "strategy":
-            schema = {"type": "string", "enum": list(STRATEGIES)}
+            schema = {"type": "string", "enum": list(strategy_names())}
         if f.name in _ENUMS_BY_NAME:
             schema["enum"] = _ENUMS_BY_NAME[f.name]
-        unknown: tuple[str, Range] = (f.metadata.get("description", ""), (None, None, False))
-        description, bounds = FIELDS.get(f.name, unknown)
         schema = _with_range(schema, bounds)
         if f.default is not dataclasses.MISSING:
             schema["default"] = f.default

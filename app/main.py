@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.conditional_reads import ConditionalJobReads, KeyCache
@@ -22,12 +23,15 @@ from app.routes import (
     domains,
     fork,
     health,
+    importance_summary,
     job_details,
     jobs,
     keys,
     lineages,
     metrics,
+    webhooks,
 )
+from app.ui import routes as ui
 from service_core.db import make_engine, make_read_session_factory, make_session_factory
 from service_core.settings import Settings, get_settings
 
@@ -98,7 +102,11 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            webhooks=app.webhooks.routes,
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Problem"] = {
@@ -122,6 +130,11 @@ def _problem_openapi(app: FastAPI) -> Callable[[], dict]:
         }
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
+        for item in schema.get("webhooks", {}).values():  # what the service sends
+            for op in item.values():
+                op["responses"] = {
+                    "200": {"description": "any 2xx answer: delivered; else retried"}
+                }
         problem = {
             "description": "an error (RFC 9457 problem details)",
             "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
@@ -173,7 +186,8 @@ def create_app(
         title="DAS service",
         version="0.1.0",
         description="Continual domain-adaptive pre-training (DAS) as a service. "
-        "All /v1 routes need `Authorization: Bearer <api key>`; every error is "
+        "All /v1 routes need `Authorization: Bearer <api key>` (or the session cookie of "
+        "the web dashboard at /ui, whose writes also send `X-CSRF-Token`); every error is "
         "application/problem+json (RFC 9457).",
     )
     engine = make_engine(settings)
@@ -182,7 +196,7 @@ def create_app(
     app.state.session_factory = make_session_factory(engine)
     app.state.read_session_factory = make_read_session_factory(engine)
     app.state.job_watcher = JobWatcher(
-        app.state.read_session_factory, poll_seconds=settings.stream_poll_seconds
+        app.state.read_session_factory, poll_seconds=settings.stream_poll_seconds, settings=settings
     )
     app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     if enqueue is None or broker_ping is None:
@@ -201,9 +215,13 @@ def create_app(
         app.include_router(router)
     for router in (corpora.router, jobs.router):
         app.include_router(router)
-    # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys)
-    for module in (artifacts, deletes, fork, job_details, keys):
+    # lifecycle routes (artifacts, deletion, fork, job lists and reports, API keys, webhooks)
+    for module in (artifacts, deletes, fork, job_details, keys, importance_summary, webhooks):
         app.include_router(module.router)
+    app.webhooks.include_router(webhooks.events)  # documented under `webhooks`, not served
+    # the dashboard (docs/ui.md): its pages, and the login that sets the session cookie
+    app.include_router(ui.router)
+    app.mount("/ui/static", StaticFiles(directory=ui.STATIC), name="ui-static")
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
     app.add_middleware(ConditionalJobReads)  # outermost: a 304 skips everything else
     if settings.cors_origins:

@@ -16,3 +16,7 @@ CorpusPath = Annotated[str, Path(description="a corpus id (`cor_…`)", examples
 KeyPath = Annotated[
     str, Path(description="an API key id (`key_…`)", examples=["key_5tYh2WcN8qZr0LmB3dXe"])
 ]
+WebhookPath = Annotated[
+    str,
+    Path(description="a webhook endpoint id (`whk_…`)", examples=["whk_2JdW9kLq4RtX7vBn0PyS"]),
+]

@@ -1,14 +1,16 @@
 """Database rows -> response bodies. Every id shown is a public one (``lin_…``, ``job_…``,
 ``cor_…``) or a number within its parent (a stage's position, an event's ``seq``); integer
-row ids never leave the server."""
+row ids never leave the server. A job's body, ``job_out``, lives in
+service_core.job_view: webhook events carry it too."""
 
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from app.schemas import CorpusOut, JobError, JobEventOut, JobOut, LineageOut, StageOut
-from service_core.models import JOB_SUCCEEDED, Corpus, Job, JobEvent, Lineage, Stage
+from app.schemas import CorpusOut, JobEventOut, LineageOut, StageOut
+from service_core.job_view import job_out as job_out  # re-exported
+from service_core.models import JOB_SUCCEEDED, Corpus, JobEvent, Lineage, Stage
 from service_core.redaction import scrub_data, scrub_text
 from service_core.settings import Settings
 
@@ -27,30 +29,6 @@ def corpus_out(corpus: Corpus) -> CorpusOut:
         report=corpus.report,
         purpose=corpus.purpose or "pretraining",
         created_at=corpus.created_at,
-    )
-
-
-def job_out(job: Job, stage: Stage) -> JobOut:
-    return JobOut(
-        id=job.public_id,
-        lineage_id=job.lineage_public_id,
-        stage_position=stage.position,
-        domain=stage.name,
-        status=job.status,
-        phase=job.phase,
-        progress=min(1.0, max(0.0, job.progress or 0.0)),
-        step=job.step,
-        total_steps=job.total_steps,
-        loss=job.loss,
-        trained_tokens=job.trained_tokens or 0,
-        eta_seconds=job.eta_seconds,
-        error=JobError(**scrub_data(job.error)) if job.error else None,
-        attempts=job.attempts,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        heartbeat_at=job.heartbeat_at,
-        updated_at=job.updated_at,
     )
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.problems import Problem
 from service_core import public_ids
-from service_core.models import ApiKey, Base, Corpus, Job, Lineage, Stage
+from service_core.models import ApiKey, Base, Corpus, Job, Lineage, Stage, WebhookEndpoint
 
 RowT = TypeVar("RowT", bound=Base)
 
@@ -26,6 +26,7 @@ PREFIX: dict[type, str] = {
     Job: public_ids.JOB,
     Corpus: public_ids.CORPUS,
     ApiKey: public_ids.API_KEY,
+    WebhookEndpoint: public_ids.WEBHOOK,
 }
 # a cursor field: a public id of the page's type (checked by the route) or empty
 CURSOR_PATTERN = r"^([a-z]{3}_[A-Za-z0-9]{20})?$"
@@ -93,7 +94,7 @@ def owned_stage(session: Session, lineage_id: str, position: int, owner: str) ->
     raise Problem(404, "stage_not_found", f"lineage {lineage_id} has no stage {position}")
 
 
-def _bad_cursor() -> Problem:
+def bad_cursor() -> Problem:
     return Problem(
         422,
         "validation_error",
@@ -107,7 +108,7 @@ def parse_seq(after: str | None) -> int:
     if after is None or after == "":
         return 0
     if not after.isdigit() or len(after) > 18:
-        raise _bad_cursor()
+        raise bad_cursor()
     return min(int(after), MAX_ID)  # past every event: an empty page (not a database error)
 
 
@@ -127,7 +128,7 @@ def parse_after(session: Session, model: type[Base], after: str | None, owner: s
         else None
     )
     if row_id is None:
-        raise _bad_cursor()
+        raise bad_cursor()
     return row_id
 
 

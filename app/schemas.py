@@ -9,13 +9,16 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from app.hyperparameters import hyperparameters_schema
 from app.storable import text_problem
-from das_engine.config import STRATEGIES
+from das_engine.names import DOMAIN_NAME_PATTERN
+from das_engine.strategy_registry import strategy_names
+
+# defined with their presenter, which webhook events use too (re-exported)
+from service_core.job_view import JobError as JobError
+from service_core.job_view import JobOut as JobOut
 
 T = TypeVar("T")
-# every strategy the engine ships (das, ncl, one and the paper's baselines)
-StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
-
-DOMAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# every strategy the engine ships (das_engine/strategies/, found by its registry)
+StrategyName = Literal[strategy_names()]  # type: ignore[valid-type]
 # ids are opaque strings with a type prefix (service_core.public_ids); a longer one is no id
 ID_MAX = 64
 
@@ -139,50 +142,6 @@ class LineageCreate(BaseModel):
         description="one of your corpora (its `cor_…` id): a general-domain text on which "
         "every stage's forgetting is measured",
     )
-
-
-class JobError(BaseModel):
-    code: str = Field(description="stable error code (see the service documentation)")
-    message: str = Field(description="what went wrong")
-    phase: str | None = Field(None, description="the phase it failed in")
-    correlation_id: str | None = Field(
-        None,
-        description="internal errors: the key to the server log's entry (the traceback is "
-        "never shown)",
-    )
-
-
-class JobOut(BaseModel):
-    id: str = Field(description="the job id (`job_…`)", examples=[JOB_EXAMPLE])
-    lineage_id: str = Field(description="its lineage (`lin_…`)", examples=[LINEAGE_EXAMPLE])
-    stage_position: int = Field(description="the position of its stage in the lineage (from 1)")
-    domain: str = Field(description="its stage's domain name")
-    status: Literal[
-        "validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
-    ] = Field(
-        description="`queued` -> `running` -> `succeeded` | `failed` | `cancelled` (through "
-        "`cancelling`); a job is validated in the request that creates it, so it starts "
-        "`queued` (`validating` is never reported)"
-    )
-    phase: (
-        Literal["preparing", "importance", "scoring", "training", "evaluating", "end_task"] | None
-    ) = Field(
-        description="what a running job does (in this order; see the service documentation "
-        "for the share of `progress` each one covers)"
-    )
-    progress: float = Field(ge=0.0, le=1.0, description="0 to 1, only moves forward")
-    step: int | None = Field(description="training steps done")
-    total_steps: int | None = Field(description="training steps planned")
-    loss: float | None = Field(description="the latest training loss")
-    trained_tokens: int = Field(description="tokens trained on so far")
-    eta_seconds: float | None = Field(description="estimated seconds left")
-    error: JobError | None = Field(description="why it failed or was cancelled")
-    attempts: int = Field(description="claims by a worker (more than 1: it was resumed)")
-    created_at: datetime = Field(description="creation time (UTC)")
-    started_at: datetime | None = Field(description="first claim by a worker")
-    finished_at: datetime | None = Field(description="when it reached a final status")
-    heartbeat_at: datetime | None = Field(description="its worker's latest heartbeat")
-    updated_at: datetime = Field(description="latest change")
 
 
 class StageOut(BaseModel):

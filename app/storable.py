@@ -16,6 +16,8 @@ import re
 import unicodedata
 from typing import Any
 
+from das_engine.jsonsafe import json_safe
+
 # RFC 7493 (I-JSON): integers beyond +-(2**53 - 1) are not read exactly by every JSON parser
 MAX_JSON_INT = 2**53 - 1
 MAX_JSON_DEPTH = 32
@@ -84,16 +86,13 @@ def _printable(key: str) -> str:
 
 def scrub(value: Any) -> Any:
     """``value`` made encodable as strict JSON in UTF-8: lone surrogates become U+FFFD,
-    non-finite floats null. For error bodies, which may quote the offending input."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {scrub(str(k)): scrub(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [scrub(v) for v in value]
-    return value
+    non-finite floats null (``json_safe``). For error bodies, which may quote the
+    offending input."""
+    return json_safe(value, text=_without_surrogates)
+
+
+def _without_surrogates(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def encode_json(value: Any) -> bytes:

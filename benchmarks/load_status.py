@@ -7,8 +7,9 @@
 Without ``--url`` it starts ``das-service serve`` (SQLite, the filesystem broker, one worker)
 in a fresh data folder on a free loopback port. It creates a lineage on the built-in
 ``tiny-roberta`` base and adds one domain whose job trains for longer than the run, waits
-until the job is training, then starts a *second process* (asyncio + httpx, loopback only)
-with ``--clients`` concurrent clients for ``--duration`` seconds (at most 600). Each client
+until the job is training, then starts a *second process* (asyncio with the lean keep-alive
+client of benchmarks/http_client.py, loopback only) with ``--clients`` concurrent clients
+for ``--duration`` seconds (at most 600). Each client
 loops: ``GET /v1/jobs/{id}``, then ``GET /v1/jobs/{id}/events?after=<last seen>`` (tailing
 the log as a dashboard would), then waits ``--interval`` seconds (0: as fast as it can, a
 saturation test). A request counts as an error unless it answers 200 within 10 s.
@@ -17,7 +18,10 @@ saturation test). A request counts as an error unless it answers 200 within 10 s
 ``conditional``: the same loop sending each route's last ``ETag`` as ``If-None-Match``
 (a 304 is a good answer); ``stream``: each client holds one server-sent-event stream
 (``/events?stream=true``) and the figure is the *delivery delay*: from a job update's
-``updated_at`` (written by the worker) to its arrival at the client.
+``updated_at`` (written by the worker) to its arrival at the client, also split into the
+*first arrival* per update (the writer's commit after stamping, plus one poll tick) and the
+*fan-out* past it (the server writing to every stream, the client reading them); the
+first ``STREAM_WARMUP_S`` seconds, while all streams connect at once, are not counted.
 
 Prints, per route and overall: requests, requests/s, p50/p90/p99/max latency (ms) and the
 error count; and how many training steps the job made during the run (the API shares the
@@ -42,13 +46,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the benchmarks package
+
+from benchmarks.http_client import Connection  # noqa: E402
+
 TIMEOUT_S = 10.0
+# stream mode: deliveries in the first seconds, while every stream connects at once (the
+# "open stream" row), are not counted: the figure is the steady state of open streams
+STREAM_WARMUP_S = 3.0
 
 
 # -- the load: a second process ------------------------------------------------------------
 
 
-async def _client(http, job_id: str, interval: float, stop_at: float, out: dict) -> None:  # noqa: ANN001
+async def _client(
+    http: Connection, job_id: str, interval: float, stop_at: float, out: dict
+) -> None:
     """Plain polling (``conditional`` False) or conditional polling: each route's last
     ``ETag`` sent back as ``If-None-Match``, a 304 counting as a good answer."""
     import random
@@ -66,15 +79,15 @@ async def _client(http, job_id: str, interval: float, stop_at: float, out: dict)
             headers = {"If-None-Match": tags[route]} if conditional and route in tags else {}
             started = time.perf_counter()
             try:
-                r = await http.get(path, headers=headers)
-                ok = r.status_code in ((200, 304) if conditional else (200,))
-                why = str(r.status_code)
-                if r.status_code == 304:
+                r = await asyncio.wait_for(http.get(path, headers), TIMEOUT_S)
+                ok = r.status in ((200, 304) if conditional else (200,))
+                why = str(r.status)
+                if r.status == 304:
                     out["not_modified"] = out.get("not_modified", 0) + 1
-                if r.status_code == 200 and "etag" in r.headers:
+                if r.status == 200 and "etag" in r.headers:
                     tags[route] = r.headers["etag"]
-                if r.status_code == 200 and route.endswith("events"):
-                    page = r.json()
+                if r.status == 200 and route.endswith("events"):
+                    page = json.loads(r.body)
                     new_after = page["next_after"] or (
                         str(page["data"][-1]["id"]) if page["data"] else after
                     )
@@ -83,6 +96,7 @@ async def _client(http, job_id: str, interval: float, stop_at: float, out: dict)
                     after = new_after
             except Exception as exc:  # noqa: BLE001 - a time-out or a refused connection
                 ok, why = False, type(exc).__name__
+                await http.close()
             elapsed_ms = (time.perf_counter() - started) * 1000
             out["latencies"].setdefault(route, []).append(elapsed_ms)
             if not ok:
@@ -101,7 +115,7 @@ def _utc_seconds(stamp: str) -> float:
     return moment.timestamp()
 
 
-async def _streamer(http, job_id: str, stop_at: float, out: dict) -> None:  # noqa: ANN001
+async def _streamer(http: Connection, job_id: str, stop_at: float, out: dict) -> None:
     """One server-sent-event stream: the time to open it, and for every job update it
     delivers, the delay from the update's ``updated_at`` (written by the worker) to its
     arrival here (one machine, one clock)."""
@@ -111,67 +125,58 @@ async def _streamer(http, job_id: str, stop_at: float, out: dict) -> None:  # no
     await asyncio.sleep(random.uniform(0, 1.0))
     while time.monotonic() < stop_at:
         started = time.perf_counter()
+        lines = http.stream_lines(f"/v1/jobs/{job_id}/events?stream=true")
         try:
-            async with http.stream(
-                "GET", f"/v1/jobs/{job_id}/events?stream=true", timeout=None
-            ) as r:
-                out["latencies"].setdefault(route_open, []).append(
-                    (time.perf_counter() - started) * 1000
-                )
-                if r.status_code != 200:
-                    raise RuntimeError(f"status {r.status_code}")
-                kind = "message"
-                async for line in r.aiter_lines():
-                    if time.monotonic() > stop_at:
-                        return
-                    if line.startswith("event: "):
-                        kind = line[7:]
-                    elif line.startswith("data: ") and kind == "job":
-                        job = json.loads(line[6:])
-                        delay = (time.time() - _utc_seconds(job["updated_at"])) * 1000
-                        out["latencies"].setdefault(route_deliver, []).append(delay)
-                    elif line == "":
-                        kind = "message"
+            status = await asyncio.wait_for(anext(lines), TIMEOUT_S)
+            out["latencies"].setdefault(route_open, []).append(
+                (time.perf_counter() - started) * 1000
+            )
+            if status != 200:
+                raise RuntimeError(f"status {status}")
+            kind = "message"
+            async for line in lines:
+                if time.monotonic() > stop_at:
+                    return
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif (
+                    line.startswith("data: ")
+                    and kind == "job"
+                    and time.monotonic() >= out["count_from"]
+                ):
+                    job = json.loads(line[6:])
+                    delay = (time.time() - _utc_seconds(job["updated_at"])) * 1000
+                    out["latencies"].setdefault(route_deliver, []).append(delay)
+                    out.setdefault("by_update", {}).setdefault(job["updated_at"], []).append(delay)
+                elif line == "":
+                    kind = "message"
         except Exception as exc:  # noqa: BLE001 - a refused connection or a reset
             out["errors"][route_open] = out["errors"].get(route_open, 0) + 1
             out["why"][type(exc).__name__] = out["why"].get(type(exc).__name__, 0) + 1
             await asyncio.sleep(0.5)
+        finally:
+            await lines.aclose()
 
 
 async def _load(  # noqa: ANN202
     url: str, key: str, job_id: str, clients: int, duration: float, interval: float, mode: str
 ):
-    """``clients`` pollers, each with its own connection: one ``AsyncClient`` each, made
-    before the clock starts (httpx's pool scans all of its connections for every request,
-    so one shared 200-connection pool was the bottleneck of the measurement, not the
-    server; and a client's TLS context is costly to build, so they share one)."""
-    import ssl
-
-    import httpx
-
-    tls = ssl.create_default_context()
-    https = [
-        httpx.AsyncClient(
-            base_url=url,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=TIMEOUT_S,
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            verify=tls,
-        )
-        for _ in range(clients)
-    ]
+    """``clients`` pollers, each with its own keep-alive connection (benchmarks/http_client.py:
+    a lean client, so that the load generator's own CPU does not become the measurement)."""
+    conns = [Connection(url, {"Authorization": f"Bearer {key}"}) for _ in range(clients)]
     out: dict = {"latencies": {}, "errors": {}, "why": {}, "mode": mode}
     started = time.monotonic()
     stop_at = started + duration
+    out["count_from"] = started + STREAM_WARMUP_S
     try:
         if mode == "stream":
-            await asyncio.gather(*(_streamer(h, job_id, stop_at, out) for h in https))
+            await asyncio.gather(*(_streamer(c, job_id, stop_at, out) for c in conns))
         else:
-            await asyncio.gather(*(_client(h, job_id, interval, stop_at, out) for h in https))
+            await asyncio.gather(*(_client(c, job_id, interval, stop_at, out) for c in conns))
     finally:
         out["seconds"] = time.monotonic() - started
-        for h in https:
-            await h.aclose()
+        for c in conns:
+            await c.close()
     return out
 
 
@@ -180,7 +185,21 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def _split_delivery(raw: dict) -> None:
+    """Split each stream delivery delay in two: ``first arrival`` (per job update, the
+    delay of the first client to get it: the writer's commit after stamping ``updated_at``,
+    plus the watch's poll tick) and ``fan-out`` (each client's delay past that first one:
+    the server writing the update to every stream, and this process reading them)."""
+    updates = raw.pop("by_update", {})
+    if updates:
+        firsts = [min(delays) for delays in updates.values()]
+        spread = [d - min(delays) for delays in updates.values() for d in delays]
+        raw["latencies"]["  first arrival"] = firsts
+        raw["latencies"]["  fan-out"] = spread
+
+
 def summarize(raw: dict) -> dict:
+    _split_delivery(raw)
     rows = {}
     every: list[float] = []
     for route, values in sorted(raw["latencies"].items()):

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 from das_engine import distributed
-from das_engine.errors import CorpusError, DasError
+from das_engine.errors import CorpusError, DasError, LineageError
+from das_engine.names import domain_name_problem
+from das_engine.strategy_registry import strategy_names
 
 # flags that map onto TrainingConfig fields (None = not given, keep the default)
 CONFIG_FLAGS: dict[str, tuple[str, type]] = {
@@ -72,6 +74,13 @@ def _domain_args(items: list[str]) -> list[tuple[str, Path]]:
             name = Path(item).name.split(".")[0]
         out.append((name, Path(path)))
     return out
+
+
+def _check_names(names: list[str]) -> None:
+    for name in names:
+        problem = domain_name_problem(name)
+        if problem:
+            raise LineageError(f"{name!r}: {problem} (name a corpus with NAME=PATH)")
 
 
 class ProgressPrinter:
@@ -158,6 +167,7 @@ def cmd_run(args) -> None:
     missing = [str(p) for _, p in domains if not p.is_file()]
     if missing:
         raise CorpusError(f"corpus file(s) not found: {', '.join(missing)}")
+    _check_names([name for name, _ in domains])  # before the lineage is created
     lineage = distributed.run_on_main(
         lambda: Lineage.create(
             Path(args.out),
@@ -308,18 +318,24 @@ def cmd_init_base(args) -> None:
 
 
 def _pretrain(out: Path, files: list[Path], args) -> None:
-    """Plain LM training of the fresh base on its own corpus, so it knows *something*."""
+    """Plain LM training of the fresh base on its own corpus, so it knows *something*: the
+    engine's training loop (``das_engine.pretraining``), as a one-stage NCL lineage would."""
     import shutil
     import tempfile
 
-    from das_engine.lineage import Lineage
+    from das_engine.bases import load_model, load_tokenizer
+    from das_engine.config import TrainingConfig
+    from das_engine.data import ChunkStore, build_datasets
+    from das_engine.evaluate import heldout_loss
+    from das_engine.jsonsafe import finite
+    from das_engine.objective import Batcher
+    from das_engine.precision import Precision, save_dtype_for, save_pretrained_as
+    from das_engine.preflight import preflight
+    from das_engine.pretraining import pretrain
+    from das_engine.units import build_unit_map
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "pretrain.txt"
-        with open(corpus, "w") as fh:
-            for f in files:
-                fh.write(Path(f).read_text(errors="replace").strip() + "\n\n")
-        cfg = {
+    cfg = TrainingConfig.from_dict(
+        {
             "strategy": "ncl",
             "max_steps": args.pretrain_steps,
             "learning_rate": 5e-4,
@@ -327,13 +343,45 @@ def _pretrain(out: Path, files: list[Path], args) -> None:
             "block_size": 128,
             "seed": args.seed,
         }
-        lineage = Lineage.create(Path(tmp) / "lineage", str(out), cfg)
+    )
+    device = preflight(cfg, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "pretrain.txt"
+        with open(corpus, "w") as fh:
+            for f in files:
+                fh.write(Path(f).read_text(errors="replace").strip() + "\n\n")
+        tokenizer = load_tokenizer(out)
+        model = load_model(out).to(device)
+        unit_map = build_unit_map(model)
+        data = Path(tmp) / "data"
+        build_datasets(
+            corpus,
+            tokenizer,
+            data,
+            block_size=cfg.block_size,
+            objective=unit_map.objective,
+            eval_fraction=cfg.eval_fraction,
+            seed=cfg.seed,
+        )
         printer = ProgressPrinter(False)
-        result = lineage.add_domain(corpus, "pretrain", progress=printer)
+        pretrain(
+            model, tokenizer, ChunkStore(data / "train"), cfg, Path(tmp) / "ckpt", progress=printer
+        )
         printer.close()
-        print(f"pre-trained {args.pretrain_steps} steps: held-out loss {result.eval_losses}")
+        loss = heldout_loss(
+            model,
+            unit_map,
+            ChunkStore(data / "eval"),
+            Batcher(tokenizer, unit_map.objective, cfg.mlm_probability),
+            batch_size=cfg.batch_size,
+            max_batches=cfg.eval_max_batches,
+            precision=Precision.for_stage(cfg, device),
+        )
+        losses = {"pretrain": finite(loss)}
+        print(f"pre-trained {args.pretrain_steps} steps: held-out loss {losses}")
+        save_pretrained_as(model, tokenizer, Path(tmp) / "model", save_dtype_for(cfg, out))
         shutil.rmtree(out)
-        shutil.copytree(result.model_dir, out)
+        shutil.copytree(Path(tmp) / "model", out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,12 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--set",
             action="append",
             metavar="KEY=VALUE",
-            help="any TrainingConfig field, e.g. --set contrast_weight=0.5",
+            help="any TrainingConfig field or strategy parameter, e.g. --set "
+            "contrast_weight=0.5 or --set replay_ratio=0.1",
         )
 
     run = sub.add_parser("run", help="create a lineage and train it on domains in order")
     run.add_argument("--base", required=True, help="base id (tiny-roberta), local dir or hub name")
-    run.add_argument("--strategy", default="das", help="das | ncl | one | ...")
+    run.add_argument(
+        "--strategy",
+        default="das",
+        choices=strategy_names(),
+        help="the continual-learning method (default das; docs/engine.md, Strategies)",
+    )
     run.add_argument("--out", required=True, help="the lineage directory to create")
     run.add_argument("--general-corpus", help="a general reference corpus to track")
     run.add_argument("--models-dir", help="folder of local HF model directories")

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from das_engine.errors import ConfigError
+from das_engine.strategy_params import StrategyParams
+from das_engine.strategy_registry import (
+    flat_fields,
+    params_classes,
+    params_for,
+    strategy_names,
+)
 
-STRATEGIES = ("das", "ncl", "one", "kd", "ewc", "replay", "adapter")
 MASK_MODES = ("update", "gradient")
 NORMALIZATIONS = ("paper", "one_sided", "rank")
 LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
+
+
+def __getattr__(name: str) -> Any:
+    """``STRATEGIES``: every strategy's name, from the registry (a tuple, as it was)."""
+    if name == "STRATEGIES":
+        return strategy_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -67,16 +81,6 @@ class TrainingConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
-    # baselines (strategies kd, ewc, replay, adapter)
-    kd_weight: float = 1.0  # KD: weight of the MSE to the previous model's last hidden states
-    ewc_lambda: float = 100.0  # EWC: penalty lambda/2 * sum F (theta - theta*)^2
-    ewc_gamma: float = 0.9  # EWC: online decay of the accumulated Fisher
-    ewc_fisher_samples: int = 64  # EWC: chunks (one backward each) for a domain's Fisher
-    replay_buffer_size: int = 256  # replay: chunk ids kept (with their stored outputs)
-    replay_alpha: float = 0.5  # replay (DER++): weight of the stored-output matching
-    replay_beta: float = 0.5  # replay (DER++): weight of the LM loss on replayed chunks
-    adapter_rank: int = 8  # adapter: LoRA rank of every adapted projection
-    adapter_alpha: float = 16.0  # adapter: LoRA scaling numerator (scale = alpha / rank)
     # precision and training loop (docs/engine.md, "Precision and training loop")
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = base's
     # "constant": the original schedule (linear warm-up, then constant); the others are
@@ -84,9 +88,38 @@ class TrainingConfig:
     lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
     max_grad_norm: float | None = 1.0  # 0 or null: no clipping
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
+    # each strategy's own parameters (its ``params`` dataclass, das_engine/strategies/), by
+    # params class name, defaults filled in. Outside (JSON, --set, lineage.json) they are
+    # flat keys (``ewc_lambda``): ``from_dict`` routes them here, ``to_dict`` flattens them.
+    params: dict[str, StrategyParams] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        given = dict(self.params)
+        self.params = {
+            name: given.pop(name, None) or cls() for name, cls in params_classes().items()
+        }
+        if given:
+            raise ConfigError(f"unknown strategy params: {', '.join(sorted(given))}")
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        """A strategy's flat parameter (``cfg.ewc_lambda``), read from its params."""
+        owner = flat_fields().get(name) if not name.startswith("_") else None
+        params = self.__dict__.get("params")
+        if owner is None or params is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(params[owner], name)
+
+    def strategy_params(self, strategy: str | None = None) -> StrategyParams | None:
+        """The params of ``strategy`` (default: this config's), None if it declares none."""
+        cls = params_for(strategy or self.strategy)
+        return None if cls is None else self.params[cls.__name__]
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Every key ``from_dict`` accepts: the general fields, then each strategy's."""
+        general = [f.name for f in dataclasses.fields(cls) if f.name != "params"]
+        return general + list(flat_fields())
 
     def extra_unit_kinds(self) -> tuple[str, ...]:
         """The EXTRA_KINDS this config measures and masks."""
@@ -111,8 +144,9 @@ class TrainingConfig:
                 left = "(" if lo_open else "["
                 bad(name, f"must be in {left}{lo}, {hi}], got {v}")
 
-        if self.strategy not in STRATEGIES:
-            bad("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        names = strategy_names()
+        if self.strategy not in names:
+            bad("strategy", f"must be one of {', '.join(names)}, got {self.strategy!r}")
         if self.mask_mode not in MASK_MODES:
             bad("mask_mode", f"must be one of {', '.join(MASK_MODES)}")
         if self.normalization not in NORMALIZATIONS:
@@ -131,12 +165,6 @@ class TrainingConfig:
         in_range("importance_dropout", 0.0, 0.9)
         in_range("eval_fraction", 0.0, 0.5, lo_open=True)
         in_range("epochs", 0.0, 1000.0, lo_open=True)
-        in_range("kd_weight", 0.0, 1e4)
-        in_range("ewc_lambda", 0.0, 1e12)
-        in_range("ewc_gamma", 0.0, 1.0)
-        in_range("replay_alpha", 0.0, 1e4)
-        in_range("replay_beta", 0.0, 1e4)
-        in_range("adapter_alpha", 0.0, 1e4, lo_open=True)
         for name, lo, hi in (
             ("batch_size", 1, 4096),
             ("grad_accum", 1, 1024),
@@ -145,9 +173,6 @@ class TrainingConfig:
             ("eval_max_batches", 1, 100000),
             ("checkpoint_every", 1, 10**7),
             ("seed", 0, 2**31 - 1),
-            ("ewc_fisher_samples", 1, 100000),
-            ("replay_buffer_size", 1, 10**6),
-            ("adapter_rank", 1, 4096),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -170,6 +195,8 @@ class TrainingConfig:
             or not 1 <= self.max_steps <= 10**7
         ):
             bad("max_steps", f"must be null or an integer in [1, 10000000], got {self.max_steps!r}")
+        for params in self.params.values():
+            problems.extend(params.problems())
         if problems:
             raise ConfigError(
                 "invalid hyper-parameters: "
@@ -180,21 +207,36 @@ class TrainingConfig:
     # -- (de)serialisation ------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TrainingConfig:
+        """From flat keys (a request, ``--set``, ``lineage.json``): a strategy's parameter
+        goes to its params, whichever strategy the config is for (stored configs hold all)."""
         data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise ConfigError(
                 f"unknown hyper-parameter(s): {', '.join(unknown)}",
                 details=[{"field": u, "message": "unknown hyper-parameter"} for u in unknown],
             )
+        owners = flat_fields()
+        grouped: dict[str, dict[str, Any]] = {}
+        for key in [k for k in data if k in owners]:
+            grouped.setdefault(owners[key], {})[key] = data.pop(key)
+        params = {name: params_classes()[name](**values) for name, values in grouped.items()}
         try:
-            return cls(**data)
+            return cls(**data, params=params)
         except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
             raise ConfigError(str(exc)) from exc
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat: the general fields, then every strategy's parameters."""
+        out = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "params"
+        }
+        for params in self.params.values():
+            out.update(dataclasses.asdict(params))
+        return out
 
     def replace(self, **changes: Any) -> TrainingConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (flat keys, strategy parameters included), validated."""
+        return TrainingConfig.from_dict({**self.to_dict(), **changes})

@@ -269,3 +269,24 @@ def domain_importance(
     finally:
         model.train(was_training)
     return normalize(raw, normalization)
+
+
+def layer_summary(path: Path) -> dict[str, dict]:
+    """Per unit kind, per layer: the mean importance and the share of units above 0.5
+    (the units the soft mask mostly protects). Reads the snapshot's tensors with numpy, one
+    at a time, without a model: cheap enough for a request."""
+    from safetensors import safe_open
+
+    out: dict[str, dict] = {}
+    with safe_open(str(path), framework="np") as f:
+        for kind in f.keys():
+            values = f.get_tensor(kind)
+            if values.ndim != 2 or values.shape[1] == 0:
+                continue
+            out[kind] = {
+                "layers": int(values.shape[0]),
+                "units": int(values.shape[1]),
+                "mean": [float(v) for v in values.mean(axis=1)],
+                "share_above_half": [float(v) for v in (values > 0.5).mean(axis=1)],
+            }
+    return out

@@ -18,10 +18,6 @@ lineage as it was plus a partial stage that the next ``add_domain`` resumes.
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import math
-import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -29,46 +25,31 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+from torch import nn
 
 from das_engine import distributed
 from das_engine.bases import load_model, load_tokenizer, resolve_base
 from das_engine.config import TrainingConfig
-from das_engine.data import ChunkStore, build_datasets, build_single_split
+from das_engine.data import ChunkStore, build_single_split
 from das_engine.errors import Cancelled, DomainExistsError, LineageBusyError, LineageError
 from das_engine.evaluate import heldout_loss
-from das_engine.importance import Importance, domain_importance, general_importance
+from das_engine.jsonsafe import finite
 from das_engine.metrics import summarize
+from das_engine.names import domain_name_problem
 from das_engine.objective import Batcher
 from das_engine.precision import Precision, save_dtype_for, save_pretrained_as
 from das_engine.preflight import preflight
+from das_engine.progress import CancelFn, ProgressEvent, ProgressFn, no_progress
+from das_engine.stage_dir import PartialStage, sha256_file
 from das_engine.storage import atomic_dir, read_json, write_json
 from das_engine.strategies import StageContext, make_strategy
-from das_engine.trainer import (
-    CancelFn,
-    ProgressEvent,
-    ProgressFn,
-    Trainer,
-    apply_freezing,
-)
+from das_engine.strategies.das_importance import GENERAL_FILE
+from das_engine.trainer import Trainer, TrainSummary, apply_freezing
 from das_engine.units import build_unit_map
 
 FORMAT_VERSION = 1
-NAME_RE = re.compile(r"^[\w][\w .,:+()/-]{0,99}$", re.UNICODE)
 
-__all__ = ["Lineage", "ProgressEvent", "StageInfo", "StageResult"]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:40] or "domain"
+__all__ = ["Artifact", "Lineage", "ProgressEvent", "StageInfo", "StageResult", "sha256_file"]
 
 
 @dataclass
@@ -91,6 +72,19 @@ class StageInfo:
         return self.dir / "data" / "eval"
 
 
+IMPORTANCE_KINDS = ("general", "domain", "accumulated")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file (or HF directory) of a stage: ``kind`` is "checkpoint" or an importance
+    kind (``IMPORTANCE_KINDS``); ``stats`` its summary statistics, when it has some."""
+
+    kind: str
+    path: Path
+    stats: dict = field(default_factory=dict)
+
+
 @dataclass
 class StageResult:
     position: int
@@ -110,9 +104,22 @@ class StageResult:
         d["model_dir"], d["importance_dir"] = str(self.model_dir), str(self.importance_dir)
         return d
 
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+    @classmethod
+    def from_meta(cls, stage_dir: Path, meta: dict) -> StageResult:
+        """The result of the complete stage in ``stage_dir`` (``meta``: its stage.json)."""
+        return cls(
+            position=meta["position"],
+            name=meta["name"],
+            model_dir=stage_dir / "model",
+            importance_dir=stage_dir / "importance",
+            steps=meta["steps"],
+            trained_tokens=meta["trained_tokens"],
+            eval_losses=meta["eval"],
+            general_loss=meta.get("general_loss"),
+            column=meta.get("column") or {},
+            seconds=meta.get("seconds") or 0.0,
+            resumed_from_step=meta.get("resumed_from_step") or 0,
+        )
 
 
 class Lineage:
@@ -169,7 +176,7 @@ class Lineage:
             unit_map = build_unit_map(model)
             precision = Precision.for_stage(cfg, device)
             loss = lineage._eval(model, unit_map, tokenizer, path / "general" / "eval", precision)
-            meta["general"] = {"corpus": str(general_corpus), "base_loss": _finite(loss)}
+            meta["general"] = {"corpus": str(general_corpus), "base_loss": finite(loss)}
         write_json(path / "lineage.json", meta)
         return lineage
 
@@ -212,6 +219,33 @@ class Lineage:
     def domains(self) -> list[str]:
         return [s.name for s in self.stages]
 
+    def stage(self, position: int) -> StageInfo:
+        for s in self.stages:
+            if s.position == position:
+                return s
+        raise LineageError(f"{self.path} has no complete stage {position}")
+
+    def stage_result(self, position: int) -> StageResult:
+        """What ``add_domain`` returned for the complete stage at ``position``."""
+        info = self.stage(position)
+        return StageResult.from_meta(info.dir, info.meta)
+
+    def artifacts(self, position: int) -> list[Artifact]:
+        """The files that belong with the complete stage at ``position``: its checkpoint,
+        then the importance snapshots (the lineage's I_general they build on, the stage's
+        I(t) and I_acc(t)) with their summary statistics. What a caller stores or serves,
+        without knowing the directory layout."""
+        info = self.stage(position)
+        out = [Artifact("checkpoint", info.model_dir, {})]
+        general = self.path / GENERAL_FILE
+        if general.is_file():
+            out.append(Artifact("general", general, {}))
+        stats = info.meta.get("importance") or {}
+        for path in sorted(info.importance_dir.glob("*.safetensors")):
+            kind = path.stem if path.stem in IMPORTANCE_KINDS else "domain"
+            out.append(Artifact(kind, path, stats.get(kind, {})))
+        return out
+
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """One writer per lineage: a second trainer on the same lineage fails fast."""
@@ -242,20 +276,6 @@ class Lineage:
             precision=precision,
         )
 
-    def _importance_batches(self, store: ChunkStore, batcher: Batcher, device) -> list[dict]:
-        cfg = self.config
-        n = max(1, int(round(cfg.importance_sample_ratio * len(store))))
-        n = min(n, cfg.importance_max_batches * cfg.batch_size, len(store))
-        torch.manual_seed(cfg.seed + 13)  # proxy-KL dropout masks: reproducible on resume
-        gen = torch.Generator().manual_seed(cfg.seed + 17)
-        picked = torch.randperm(len(store), generator=gen)[:n].tolist()
-        batches = []
-        for j in range(0, n, cfg.batch_size):
-            rows = store.rows(picked[j : j + cfg.batch_size])
-            b = batcher(rows["input_ids"], rows["attention_mask"], seed=cfg.seed + 31 + j)
-            batches.append({k: v.to(device) for k, v in b.items()})
-        return batches
-
     # -- the stage pipeline ------------------------------------------------------------
     def add_domain(
         self,
@@ -267,12 +287,11 @@ class Lineage:
         should_cancel: CancelFn | None = None,
     ) -> StageResult:
         """Train the next stage on ``corpus``; resume it if a partial stage of that name exists."""
-        progress = progress or (lambda _e: None)
+        progress = progress or no_progress
         should_cancel = should_cancel or (lambda: False)
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise LineageError(
-                "domain name must be 1-100 characters: letters, digits, space and . , : + ( ) / -"
-            )
+        problem = domain_name_problem(name)
+        if problem:
+            raise LineageError(problem)
         corpus = Path(corpus)
         if not corpus.is_file():
             raise LineageError(f"corpus file {corpus} does not exist")
@@ -283,212 +302,27 @@ class Lineage:
     def _add_domain(
         self, corpus, name, eval_corpus, progress, should_cancel, device
     ) -> StageResult:
+        """The phases of a stage, in order (each below)."""
         started = time.perf_counter()
-        cfg = self.config
-        precision = Precision.for_stage(cfg, device)  # this stage's only precision context
+        precision = Precision.for_stage(self.config, device)  # this stage's only precision
         previous = self.stages
         if name in [s.name for s in previous]:
             raise DomainExistsError(f"domain {name!r} is already stage of this lineage")
-        position = len(previous) + 1
-        distributed.wait_for_main()  # rank 0 prepares the partial stage, the others read it
-        stages_root = self.path / "stages"
-        stages_root.mkdir(exist_ok=True)
-        final_dir = stages_root / f"{position:03d}-{_slug(name)}"
-        partial = final_dir.with_name(final_dir.name + ".partial")
-        sha = sha256_file(corpus)
-        for other in stages_root.glob(f"{position:03d}-*.partial"):
-            if other != partial:  # an abandoned attempt at another domain
-                shutil.rmtree(other)
-        state = read_json(partial / "stage.json") if (partial / "stage.json").exists() else None
-        if state and (state.get("corpus_sha256") != sha or state.get("name") != name):
-            shutil.rmtree(partial)
-            state = None
-        partial.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            state = {
-                "position": position,
-                "name": name,
-                "corpus_sha256": sha,
-                "corpus": str(corpus),
-                "status": "partial",
-            }
-            write_json(partial / "stage.json", state)
-
-        tokenizer = load_tokenizer(self.base_dir)
-        objective = self.meta["objective"]
-        data_dir = partial / "data"
-        if not (data_dir / "train").exists() or not (data_dir / "eval").exists():
-            progress(ProgressEvent("training", 0, 0, message="tokenizing the corpus"))
-            with atomic_dir(data_dir) as tmp:
-                counts = build_datasets(
-                    corpus,
-                    tokenizer,
-                    tmp,
-                    block_size=cfg.block_size,
-                    objective=objective,
-                    eval_fraction=cfg.eval_fraction,
-                    seed=cfg.seed,
-                )
-                if eval_corpus is not None:
-                    counts.update(
-                        build_single_split(
-                            Path(eval_corpus),
-                            tokenizer,
-                            tmp / "eval",
-                            block_size=cfg.block_size,
-                            objective=objective,
-                        )
-                    )
-            state["counts"] = counts
-            write_json(partial / "stage.json", state)
-        distributed.release_others()
-        train_store = ChunkStore(data_dir / "train")
-        eval_dir = data_dir / "eval"
-
-        strategy = make_strategy(cfg)
-        from_base = strategy.starts_from_base or position == 1
-        start_dir = self.base_dir if from_base else previous[-1].model_dir
-        model = load_model(start_dir).to(device)
-        unit_map = build_unit_map(model)
-        batcher = Batcher(tokenizer, unit_map.objective, cfg.mlm_probability)
-
-        # I_acc(t-1): EMax(I_general, I(1), ..., I(t-1)); stored per stage, so one load
-        accumulated = None
-        if strategy.uses_importance:
-            extra = cfg.extra_unit_kinds()
-            general_path = self.path / "importance" / "general.safetensors"
-            acc_path = previous[-1].importance_dir / "accumulated.safetensors" if previous else None
-            if acc_path is not None and acc_path.exists():
-                accumulated = Importance.load(acc_path)
-                if not set(extra) <= accumulated.kinds:  # extra kinds asked for only now
-                    accumulated = None
-            if accumulated is None:
-                general = Importance.load(general_path) if general_path.exists() else None
-                if general is None or not set(extra) <= general.kinds:
-                    progress(
-                        ProgressEvent("importance", 0, 1, message="general importance (proxy KL)")
-                    )
-                    base_model = model if from_base else load_model(self.base_dir).to(device)
-                    batches = self._importance_batches(train_store, batcher, device)
-                    with precision.autocast_unscaled():
-                        general = general_importance(
-                            base_model,
-                            build_unit_map(base_model),
-                            batches,
-                            cfg.normalization,
-                            extra,
-                            dropout=cfg.importance_dropout,
-                        )
-                    if distributed.is_main():  # every rank holds the same all-reduced values
-                        general.save(general_path, "general", {"normalization": cfg.normalization})
-                accumulated = general
-                for s in previous:  # a lineage switched to DAS later: fold earlier stages in
-                    dom = s.importance_dir / "domain.safetensors"
-                    if dom.exists():
-                        accumulated = accumulated.emax(Importance.load(dom))
-
-        # the new domain's column: earlier models (and the base) on its held-out split
-        progress(
-            ProgressEvent(
-                "evaluating", 0, position, message="scoring earlier stages on the new domain"
-            )
-        )
-        column: dict[str, float | None] = {}
-        column["0" if from_base else str(position - 1)] = _finite(
-            self._eval(model, unit_map, tokenizer, eval_dir, precision)
-        )
-        for key, mdir in [("0", self.base_dir)] + [
-            (str(s.position), s.model_dir) for s in previous
-        ]:
-            if key in column:
-                continue
-            other = load_model(mdir).to(device)
-            column[key] = _finite(
-                self._eval(other, build_unit_map(other), tokenizer, eval_dir, precision)
-            )
-            del other
-
-        # train
-        apply_freezing(model, cfg)
-        ctx = StageContext(
-            model,
-            unit_map,
-            cfg,
-            accumulated,
-            stage_dir=partial,
-            previous_stage_dirs=[s.dir for s in previous],
-            base_dir=self.base_dir,
-            train_store=train_store,
-            batcher=batcher,
-        )
-        strategy.prepare(ctx)
-        trainer = Trainer(
-            model,
-            strategy,
-            cfg,
-            train_store,
-            batcher,
-            partial / "checkpoints",
-            progress=progress,
-            should_cancel=should_cancel,
-            precision=precision,
-        )
-        summary = trainer.run()
-        model = trainer.unwrapped_model
-        if distributed.any_rank(should_cancel()):
-            raise Cancelled("cancelled after the last training step")
-        if distributed.is_main():  # finish only saves state files
-            with precision.autocast_unscaled():
-                strategy.finish(ctx)
-        model = strategy.final_model(model)
-
-        # I(t) from the domain's own loss, then I_acc(t) = EMax(I_acc(t-1), I(t))
-        if strategy.uses_importance:
-            progress(ProgressEvent("importance", 0, 1, message="domain importance"))
-            batches = self._importance_batches(train_store, batcher, device)
-            with precision.autocast_unscaled():
-                dom = domain_importance(
-                    model, unit_map, batches, cfg.normalization, cfg.extra_unit_kinds()
-                )
-            if distributed.is_main():
-                dom.save(
-                    partial / "importance" / "domain.safetensors",
-                    "domain",
-                    {"normalization": cfg.normalization, "domain": name},
-                )
-                accumulated.emax(dom).save(
-                    partial / "importance" / "accumulated.safetensors",
-                    "accumulated",
-                    {"normalization": cfg.normalization},
-                )
-            state["importance"] = {
-                "domain": dom.stats(),
-                "accumulated": accumulated.emax(dom).stats(),
-            }
-
-        # this stage's row: held-out loss on every domain so far, and the general corpus
-        progress(ProgressEvent("evaluating", 0, position, message="held-out evaluation"))
-        row = {
-            s.name: _finite(self._eval(model, unit_map, tokenizer, s.eval_dir, precision))
-            for s in previous
-        }
-        row[name] = _finite(self._eval(model, unit_map, tokenizer, eval_dir, precision))
-        general_loss = None
-        if (self.path / "general" / "eval").exists():
-            general_loss = _finite(
-                self._eval(model, unit_map, tokenizer, self.path / "general" / "eval", precision)
-            )
-
+        stage, tokenizer = self._open_stage(len(previous) + 1, name, corpus, eval_corpus, progress)
+        strategy = make_strategy(self.config)
+        ctx = self._load_start_model(stage, previous, strategy, tokenizer, device)
+        ctx.precision, ctx.progress = precision, progress
+        strategy.begin_stage(ctx)  # DAS: I_acc(t-1), I_general at stage 1
+        column = self._score_column(ctx, stage, previous, tokenizer)
+        summary, model = self._train(ctx, strategy, stage, should_cancel)
+        stage.state.update(strategy.end_stage(ctx, model))  # DAS: I(t), I_acc(t)
+        row, general_loss = self._score_row(ctx, model, stage, previous, tokenizer)
         if distributed.is_main():  # rank 0 commits the stage (below); the others wait
             # the stage checkpoint in save_dtype (the base's own by default); fp32 masters end
-            save_pretrained_as(
-                model, tokenizer, partial / "model", save_dtype_for(cfg, self.base_dir)
-            )
-            shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-        seconds = time.perf_counter() - started
-        state.update(
+            save_dtype = save_dtype_for(self.config, self.base_dir)
+            save_pretrained_as(model, tokenizer, stage.model_dir, save_dtype)
+        final_dir = stage.commit(
             {
-                "status": "complete",
                 "eval": row,
                 "column": column,
                 "general_loss": general_loss,
@@ -496,28 +330,108 @@ class Lineage:
                 "trained_tokens": summary.trained_tokens,
                 "final_train_loss": summary.final_loss,
                 "resumed_from_step": summary.resumed_from,
-                "seconds": seconds,
-                "strategy": cfg.strategy,
+                "seconds": time.perf_counter() - started,
+                "strategy": self.config.strategy,
             }
         )
-        if distributed.is_main():
-            write_json(partial / "stage.json", state)
-            os.replace(partial, final_dir)
-        distributed.barrier()  # the next stage, on any rank, starts from the committed one
-        result = StageResult(
-            position=position,
-            name=name,
-            model_dir=final_dir / "model",
-            importance_dir=final_dir / "importance",
-            steps=summary.steps,
-            trained_tokens=summary.trained_tokens,
-            eval_losses=row,
-            general_loss=general_loss,
-            column=column,
-            seconds=seconds,
-            resumed_from_step=summary.resumed_from,
+        return StageResult.from_meta(final_dir, stage.state)
+
+    def _open_stage(self, position, name, corpus, eval_corpus, progress):
+        """The partial stage directory with the corpus tokenized (rank 0 first, the others
+        then find it there), and the lineage's tokenizer."""
+        distributed.wait_for_main()
+        stage = PartialStage.open(self.path / "stages", position, name, corpus)
+        tokenizer = load_tokenizer(self.base_dir)
+        objective = self.meta["objective"]
+        stage.tokenize(corpus, eval_corpus, tokenizer, self.config, objective, progress)
+        distributed.release_others()
+        return stage, tokenizer
+
+    def _load_start_model(self, stage, previous, strategy, tokenizer, device) -> StageContext:
+        """The model the stage starts from (the base at stage 1 or for ONE, else the
+        previous stage's) and the context the strategy's hooks see."""
+        cfg = self.config
+        from_base = strategy.starts_from_base or stage.position == 1
+        start_dir = self.base_dir if from_base else previous[-1].model_dir
+        model = load_model(start_dir).to(device)
+        unit_map = build_unit_map(model)
+        return StageContext(
+            model,
+            unit_map,
+            cfg,
+            None,
+            stage_dir=stage.dir,
+            previous_stage_dirs=[s.dir for s in previous],
+            base_dir=self.base_dir,
+            train_store=stage.train_store(),
+            batcher=Batcher(tokenizer, unit_map.objective, cfg.mlm_probability),
+            lineage_dir=self.path,
+            domain=stage.name,
+            from_base=from_base,
         )
-        return result
+
+    def _score_column(self, ctx, stage, previous, tokenizer) -> dict[str, float | None]:
+        """The new domain's column: the base and every earlier stage on its held-out split
+        (the start model scored as it is loaded, the others loaded one at a time)."""
+        position = stage.position
+        ctx.progress(
+            ProgressEvent(
+                "evaluating", 0, position, message="scoring earlier stages on the new domain"
+            )
+        )
+        column: dict[str, float | None] = {}
+        column["0" if ctx.from_base else str(position - 1)] = finite(
+            self._eval(ctx.model, ctx.unit_map, tokenizer, stage.eval_dir, ctx.precision)
+        )
+        for key, mdir in [("0", self.base_dir)] + [
+            (str(s.position), s.model_dir) for s in previous
+        ]:
+            if key in column:
+                continue
+            other = load_model(mdir).to(ctx.device)
+            column[key] = finite(
+                self._eval(other, build_unit_map(other), tokenizer, stage.eval_dir, ctx.precision)
+            )
+            del other
+        return column
+
+    def _train(self, ctx, strategy, stage, should_cancel) -> tuple[TrainSummary, nn.Module]:
+        """The strategy's training steps (resumed from the newest step checkpoint), its
+        ``finish`` and the model to save."""
+        apply_freezing(ctx.model, self.config)
+        strategy.prepare(ctx)
+        trainer = Trainer(
+            ctx.model,
+            strategy,
+            self.config,
+            ctx.train_store,
+            ctx.batcher,
+            stage.checkpoints_dir,
+            progress=ctx.progress,
+            should_cancel=should_cancel,
+            precision=ctx.precision,
+        )
+        summary = trainer.run()
+        model = trainer.unwrapped_model
+        if distributed.any_rank(should_cancel()):
+            raise Cancelled("cancelled after the last training step")
+        if distributed.is_main():  # finish only saves state files
+            with ctx.precision.autocast_unscaled():
+                strategy.finish(ctx)
+        return summary, strategy.final_model(model)
+
+    def _score_row(self, ctx, model, stage, previous, tokenizer):
+        """This stage's row: held-out loss on every domain so far, and the general corpus."""
+        ctx.progress(ProgressEvent("evaluating", 0, stage.position, message="held-out evaluation"))
+
+        def score(split_dir: Path) -> float | None:
+            return finite(self._eval(model, ctx.unit_map, tokenizer, split_dir, ctx.precision))
+
+        row = {s.name: score(s.eval_dir) for s in previous}
+        row[stage.name] = score(stage.eval_dir)
+        general_dir = self.path / "general" / "eval"
+        general_loss = score(general_dir) if general_dir.exists() else None
+        return row, general_loss
 
     # -- read-outs ---------------------------------------------------------------------
     def loss_matrix(self) -> tuple[list[str], list[list[float | None]], list[float | None]]:

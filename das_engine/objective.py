@@ -59,8 +59,15 @@ class Batcher:
 def lm_forward(model: nn.Module, unit_map: UnitMap, batch: dict) -> LMOutput:
     """Loss of the LM head on labelled positions only (2-3x faster than full logits)."""
     out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    hidden = out.last_hidden_state
-    labels = batch["labels"]
+    return lm_loss(model, unit_map, out.last_hidden_state, batch["labels"])
+
+
+def lm_loss(
+    model: nn.Module, unit_map: UnitMap, hidden: torch.Tensor, labels: torch.Tensor
+) -> LMOutput:
+    """The LM loss of last hidden states ``hidden`` [B, T, D] against ``labels`` [B, T]
+    (causal: position t predicts label t+1); a strategy that builds its own inputs (ELLE's
+    prompts) scores its states here."""
     if unit_map.objective == "clm":
         states, targets = hidden[:, :-1], labels[:, 1:]
     else:

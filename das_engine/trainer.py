@@ -1,7 +1,11 @@
 """The training loop: fp32 master weights under autocast (``precision.Precision``, no
 process-wide state), LR schedule with per-stage warm-up, gradient clipping, optional
 gradient checkpointing, gradient accumulation, step checkpoints (the last step included),
-exact resume, progress and cooperative cancel.
+exact resume, progress and cooperative cancel. The one loop of the project: lineage
+stages, ``das-engine init-base --pretrain-steps`` and the benchmark's base builder
+(``das_engine.pretraining``) all run it; the last two use its options for pre-training
+(an LR multiplier per step, e.g. ``warmup_linear_decay``; head-only steps first; a
+graceful early stop).
 
 Determinism: the data order, the MLM masks and the dropout RNG of step ``s`` are all
 functions of (seed, s), so a run resumed from a checkpoint at step s ends with the same
@@ -15,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,27 +34,9 @@ from das_engine.errors import Cancelled, IncompatibleConfigError
 from das_engine.objective import Batcher
 from das_engine.optimizer_state import load_training_state, save_training_state
 from das_engine.precision import Precision, resolve_mode
+from das_engine.progress import CancelFn, ProgressEvent, ProgressFn
 from das_engine.storage import atomic_dir
 from das_engine.strategies.base import Strategy
-
-
-@dataclass
-class ProgressEvent:
-    phase: str  # "importance" | "training" | "evaluating"
-    step: int
-    total: int
-    loss: float | None = None
-    tokens_per_s: float | None = None
-    eta_s: float | None = None
-    trained_tokens: int = 0
-    message: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-ProgressFn = Callable[[ProgressEvent], None]
-CancelFn = Callable[[], bool]
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -81,6 +67,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, tot
     return get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
     )
+
+
+def warmup_linear_decay(total: int, warmup: int, floor: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier of step s: linear warm-up over ``warmup`` steps, then linear decay
+    towards 0 at ``total``, never below ``floor`` (the benchmark base's schedule)."""
+    warmup, decay = max(1, warmup), max(1, total - warmup)
+    return lambda s: min((s + 1) / warmup, max(floor, (total - s) / decay))
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -160,6 +153,15 @@ def apply_freezing(model: nn.Module, config: TrainingConfig) -> None:
                     p.requires_grad_(False)
 
 
+def head_only_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters outside the LM head (the unit map's ``head_module``): the
+    ones a head-only warm-up holds still."""
+    from das_engine.units import build_unit_map
+
+    head = {id(p) for p in build_unit_map(model).head_module(model).parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+
+
 @dataclass
 class TrainSummary:
     steps: int
@@ -183,7 +185,14 @@ class Trainer:
         should_cancel: CancelFn | None = None,
         keep_checkpoints: int = 2,
         precision: Precision | None = None,
+        lr_lambda: Callable[[int], float] | None = None,
+        head_only_steps: int = 0,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
+        """``lr_lambda``: an LR multiplier per step instead of the config's schedule.
+        ``head_only_steps``: the first steps train the LM head only (a fresh head on a
+        pretrained body), then every trainable parameter. ``should_stop``: end early
+        after a step, as if that were the last (checkpointed; not an error)."""
         self.config = config
         self.strategy = strategy
         self.train_store = train
@@ -202,7 +211,16 @@ class Trainer:
         self.optimizer = strategy.build_optimizer(
             _decay_groups(model, config.weight_decay), lr=config.learning_rate
         )
-        self.scheduler = make_scheduler(self.optimizer, config, self.total)
+        self.scheduler = (
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+            if lr_lambda is not None
+            else strategy.build_scheduler(self.optimizer, config, self.total)
+        )
+        self.head_only_steps = head_only_steps
+        self._body = head_only_parameters(model) if head_only_steps > 0 else []
+        if self._body and distributed.world_size() > 1:
+            raise IncompatibleConfigError("head-only steps run in one process only")
+        self.should_stop = should_stop
         self.order = SampleOrder(len(train), config.seed)
 
     @property
@@ -271,6 +289,8 @@ class Trainer:
         finally:
             if self.config.gradient_checkpointing:
                 disable_gradient_checkpointing(self.unwrapped_model)
+            for p in self._body:  # after a head-only warm-up, everything trains again
+                p.requires_grad_(True)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -299,9 +319,12 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         tokens_this_run = 0
+        done = start
         for step in range(start, self.total):
             if distributed.any_rank(self.should_cancel()):
                 raise Cancelled(f"cancelled at step {step} of {self.total}")
+            for p in self._body:  # a function of the step: the same after a resume
+                p.requires_grad_(step >= self.head_only_steps)
             # dropout masks depend on the step (and the rank) only
             torch.manual_seed(cfg.seed * 7919 + step + distributed.seed_offset())
             self.optimizer.zero_grad(set_to_none=True)
@@ -330,10 +353,17 @@ class Trainer:
             )
             # the last step too: a crash in the importance/evaluation after training
             # resumes there instead of retraining up to checkpoint_every steps
-            if done % cfg.checkpoint_every == 0 or done == self.total:
+            stop = (
+                self.should_stop is not None
+                and done < self.total
+                and distributed.any_rank(self.should_stop())
+            )
+            if done % cfg.checkpoint_every == 0 or done == self.total or stop:
                 self.save_checkpoint(done, trained, loss_value)
+            if stop:
+                break
         return TrainSummary(
-            steps=self.total,
+            steps=done,
             trained_tokens=trained,
             final_loss=loss_value,
             resumed_from=start,

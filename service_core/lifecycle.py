@@ -6,6 +6,9 @@ Rules:
 - when a stage fails or is cancelled, the stages queued behind it at that moment are
   cancelled too (``previous_stage_not_completed``): a lineage never skips a domain silently;
 - a failed or cancelled stage frees its domain name, so the domain can be submitted again.
+
+Every status change calls :func:`status_changed` in its transaction: the owner's webhook
+endpoints get the event through the outbox (service_core.webhook_events).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from service_core.models import (
     Stage,
     utcnow,
 )
+from service_core.webhook_events import record_job_status
 
 
 def add_event(
@@ -42,6 +46,12 @@ def add_event(
 ) -> None:
     """Append an event to the job's log (numbered at insert: ``models.JobEvent.seq``)."""
     session.add(JobEvent(job_id=job_id, type=type_, message=message, level=level, data=data or {}))
+
+
+def status_changed(session: Session, job: Job) -> None:
+    """Announce ``job``'s new status (already set on it) to its owner's webhooks, in the
+    transaction that changed it."""
+    record_job_status(session, job)
 
 
 def is_runnable(session: Session, job: Job) -> bool:
@@ -102,6 +112,7 @@ def finish_job(
         level=level,
         data={"error": error} if error else {},
     )
+    status_changed(session, job)
     if status == JOB_CANCELLED or status == JOB_FAILED:
         stage.active_name = None
         _cancel_followers(session, stage)
@@ -135,6 +146,7 @@ def _cancel_followers(session: Session, stage: Stage) -> None:
         add_event(
             session, job.id, JOB_CANCELLED, error["message"], level="warning", data={"error": error}
         )
+        status_changed(session, job)
 
 
 def request_cancel(session: Session, job: Job) -> None:
@@ -145,6 +157,7 @@ def request_cancel(session: Session, job: Job) -> None:
     elif job.status == JOB_RUNNING:
         job.status = JOB_CANCELLING
         add_event(session, job.id, JOB_CANCELLING, "cancellation requested")
+        status_changed(session, job)
 
 
 def jobs_to_enqueue(session: Session, *, stale_before: datetime | None) -> list[int]:

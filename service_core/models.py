@@ -312,6 +312,60 @@ class IdempotencyRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+# Webhook deliveries: `pending` (due at next_attempt_at, also while one is in flight: its
+# claim moves next_attempt_at past the request's timeout), then `delivered` (a 2xx),
+# `failed` (no 2xx after the last attempt) or `cancelled` (its endpoint was deleted).
+DELIVERY_PENDING = "pending"
+DELIVERY_DELIVERED = "delivered"
+DELIVERY_FAILED = "failed"
+DELIVERY_CANCELLED = "cancelled"
+DELIVERY_STATUSES = (DELIVERY_PENDING, DELIVERY_DELIVERED, DELIVERY_FAILED, DELIVERY_CANCELLED)
+
+
+class WebhookEndpoint(Base):
+    """An owner's URL told of job status changes (``events``: the event types it takes)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public_id: Mapped[str] = public_id_column(public_ids.WEBHOOK)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[Any]] = mapped_column(default=list)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    # the signing key itself (HMAC needs it, a hash would not do), ``whsec_`` + base64
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    secret_rotated_at: Mapped[datetime | None] = mapped_column(default=None)
+    # DELETE: the row stays (its id is never reused) and answers 404
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: the outbox row written in the transaction that changed
+    the job's status, then the log of its delivery."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id"), index=True)
+    # the ``webhook-id`` header and the body's ``id``: the same for every attempt
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event_type: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # the event as sent (``{id, type, created_at, data: {job}}``), fixed when it happened
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=DELIVERY_PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(String(64), default=None)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 # -- the public ids of referenced rows, loaded in the same SELECT as the row ---------------
 # (presenters show these, never the integer foreign keys; a correlated subquery costs no
 # extra statement on the most polled reads)
@@ -332,3 +386,4 @@ Stage.end_task_corpus_public_id = _public_id_of(Corpus, Stage.end_task_corpus_id
 Stage.lineage_public_id = _public_id_of(Lineage, Stage.lineage_id)
 Job.lineage_public_id = _public_id_of(Lineage, Job.lineage_id)
 JobEvent.job_public_id = _public_id_of(Job, JobEvent.job_id)
+WebhookDelivery.job_public_id = _public_id_of(Job, WebhookDelivery.job_id)

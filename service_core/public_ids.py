@@ -1,5 +1,5 @@
 """The ids the API shows and accepts: a type prefix and 20 random characters (``lin_…``,
-``job_…``, ``cor_…``, ``key_…``), as OpenAI and Stripe do.
+``job_…``, ``cor_…``, ``key_…``, ``whk_…``), as OpenAI and Stripe do.
 
 Why: row ids are global sequential integers; shown to users they would reveal how many
 corpora, lineages and jobs every other tenant creates. Rows keep their integer primary and
@@ -20,6 +20,7 @@ LINEAGE = "lin"
 JOB = "job"
 CORPUS = "cor"
 API_KEY = "key"
+WEBHOOK = "whk"
 
 _SHAPE = re.compile(rf"^([a-z]{{3}})_[A-Za-z0-9]{{{LENGTH}}}$")
 

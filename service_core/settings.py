@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # a job whose worker died this many times (kill -9, the kernel's OOM killer, a node
     # lost) fails with error.code "worker_lost" instead of killing the next worker too
     max_attempts: int = Field(3, ge=1, validation_alias=_env("DAS_MAX_ATTEMPTS", "max_attempts"))
+    # a job's child process runs at this niceness (0-19): training is throughput-bound and
+    # takes every core it gets; the API beside it answers status reads, which are
+    # latency-bound. 0 keeps the scheduler's default (equal shares).
+    job_nice: int = Field(10, ge=0, le=19, validation_alias=_env("DAS_JOB_NICE", "job_nice"))
     event_every_steps: int = Field(
         10, validation_alias=_env("DAS_EVENT_EVERY_STEPS", "event_every_steps")
     )
@@ -125,6 +129,55 @@ class Settings(BaseSettings):
     )
     sweep_stale_seconds: float = Field(
         600.0, validation_alias=_env("DAS_SWEEP_STALE_SECONDS", "sweep_stale_seconds")
+    )
+
+    # -- webhooks (delivered by a thread of every worker process) ------------------------------
+    # attempts of one event (the first included); then it is marked failed
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=100, validation_alias=_env("DAS_WEBHOOK_MAX_ATTEMPTS", "webhook_max_attempts")
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        validation_alias=_env("DAS_WEBHOOK_TIMEOUT_SECONDS", "webhook_timeout_seconds"),
+    )
+    # the wait after the n-th failed attempt: base * 2**(n-1), plus up to 25 % jitter, at most
+    # the maximum (defaults: 30 s, 1 min, 2 min, ... about 1 h 4 min over 8 attempts)
+    webhook_backoff_seconds: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_env("DAS_WEBHOOK_BACKOFF_SECONDS", "webhook_backoff_seconds"),
+    )
+    webhook_backoff_max_seconds: float = Field(
+        6 * 3600.0,
+        gt=0,
+        validation_alias=_env("DAS_WEBHOOK_BACKOFF_MAX_SECONDS", "webhook_backoff_max_seconds"),
+    )
+    # how often the dispatcher looks for due deliveries
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, validation_alias=_env("DAS_WEBHOOK_POLL_SECONDS", "webhook_poll_seconds")
+    )
+    # endpoints one worker process sends to at once (one request at a time to each)
+    webhook_concurrency: int = Field(
+        4, ge=1, le=64, validation_alias=_env("DAS_WEBHOOK_CONCURRENCY", "webhook_concurrency")
+    )
+    # finished deliveries (delivered, failed, cancelled) older than this leave the log (0: kept)
+    webhook_retention_days: float = Field(
+        30.0,
+        ge=0,
+        validation_alias=_env("DAS_WEBHOOK_RETENTION_DAYS", "webhook_retention_days"),
+    )
+    # endpoints one owner may register (0: no limit)
+    webhook_max_endpoints: int = Field(
+        20,
+        ge=0,
+        validation_alias=_env("DAS_WEBHOOK_MAX_ENDPOINTS_PER_OWNER", "webhook_max_endpoints"),
+    )
+    # false: URLs whose host is (or resolves to) a loopback, private, link-local, multicast
+    # or otherwise non-public address are refused at registration and at each delivery
+    webhook_allow_private: bool = Field(
+        False, validation_alias=_env("DAS_WEBHOOK_ALLOW_PRIVATE", "webhook_allow_private")
     )
 
     @field_validator("cors_origins", mode="before")

@@ -69,6 +69,13 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="das-parent-watch", daemon=True).start()
 
 
+def _lower_priority(nice: int) -> None:
+    """Let the API's status reads win the cores over training (see ``job_nice``); raising
+    one's own niceness needs no privilege."""
+    if nice > 0:
+        os.nice(nice)
+
+
 def _child_main(
     parent_pid: int,
     settings: Any,
@@ -78,6 +85,7 @@ def _child_main(
 ) -> None:
     """The child: train the claimed job, send the outcome, exit."""
     _die_with_parent(parent_pid)
+    _lower_priority(int(getattr(settings, "job_nice", 0)))
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -16,7 +16,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service_core.lifecycle import add_event, finish_job
+from das_engine.jsonsafe import json_safe
+from service_core.lifecycle import add_event, finish_job, status_changed
 from service_core.models import (
     JOB_CANCELLED,
     JOB_CANCELLING,
@@ -32,7 +33,7 @@ from worker.claims import Claim, LeaseLost, with_db_retry
 from worker.end_task_phase import run_end_task_phase
 from worker.progress import TRAINING, ProgressTracker
 from worker.stage_inputs import load_spec, open_lineage
-from worker.stage_results import finished_stage_result, json_safe, record_success
+from worker.stage_results import finished_stage_result, record_success
 
 log = logging.getLogger("das.worker")
 
@@ -252,6 +253,7 @@ class RunContext:
                 job.eta_seconds = None
                 job.enqueued_at = None
                 job.updated_at = utcnow()
+                status_changed(session, job)
                 add_event(
                     session,
                     job.id,

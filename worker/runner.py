@@ -42,6 +42,7 @@ from service_core.lifecycle import (
     is_runnable,
     mark_enqueued,
     next_runnable_job,
+    status_changed,
 )
 from service_core.models import (
     JOB_CANCELLED,
@@ -156,6 +157,9 @@ class JobRunner:
             if result.rowcount != 1:
                 return f"not_claimable ({job.status})"
             attempt = (job.attempts or 0) + 1
+            if job.status == JOB_QUEUED:  # (a resumed job was and stays `running`)
+                session.refresh(job)  # as the update left it
+                status_changed(session, job)
             # which worker runs it is the server's business (the log), not the user's
             log.info("job %s: attempt %s on %s", job_id, attempt, self.worker_id)
             add_event(

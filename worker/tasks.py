@@ -1,5 +1,6 @@
-"""The Celery task "run job N", the sweep when the worker starts, and the warm shutdown
-(SIGTERM, Ctrl-C): the running job stops at its next step and goes back to the queue."""
+"""The Celery task "run job N", the sweep when the worker starts, the webhook dispatcher
+thread, and the warm shutdown (SIGTERM, Ctrl-C): the running job stops at its next step and
+goes back to the queue."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from service_core.db import make_engine, make_session_factory
 from service_core.queue import RUN_JOB, Dispatcher
 from service_core.settings import get_settings
 from service_core.sweep import PeriodicSweep, sweep
+from service_core.webhook_dispatch import WebhookDispatcher
 from worker.celery_app import app
 from worker.runner import JobRunner
 
@@ -31,7 +33,7 @@ def run_job(job_id: int) -> str:
     return _runner().run(int(job_id))
 
 
-_periodic: list[PeriodicSweep] = []
+_periodic: list[PeriodicSweep | WebhookDispatcher] = []
 
 
 @worker_ready.connect
@@ -41,9 +43,12 @@ def _on_worker_ready(**_: object) -> None:
         sweep(runner.settings, stale_before=None, factory=runner.factory, enqueue=runner.enqueue)
     except Exception:  # noqa: BLE001 - the periodic sweep will try again
         log.warning("start-up sweep failed", exc_info=True)
-    thread = PeriodicSweep(runner.settings, runner.factory, runner.enqueue)
-    thread.start()
-    _periodic.append(thread)
+    for thread in (
+        PeriodicSweep(runner.settings, runner.factory, runner.enqueue),
+        WebhookDispatcher(runner.settings, runner.factory),
+    ):
+        thread.start()
+        _periodic.append(thread)
 
 
 @worker_shutting_down.connect

@@ -30,7 +30,6 @@ from app.problems import Problem
 from app.queries import owned_corpus, owned_lineage
 from app.ratelimit import write_access
 from app.schemas import (
-    DOMAIN_NAME_PATTERN,
     DomainAccepted,
     DomainCreate,
     EndTaskAttach,
@@ -38,7 +37,8 @@ from app.schemas import (
 )
 from app.storable import encode_json
 from app.uploads import MultipartResult
-from service_core.lifecycle import add_event, is_runnable, mark_enqueued
+from das_engine.names import DOMAIN_NAME_PATTERN
+from service_core.lifecycle import add_event, is_runnable, mark_enqueued, status_changed
 from service_core.models import (
     JOB_QUEUED,
     Corpus,
@@ -207,6 +207,7 @@ def add_domain(
         f"stage {position} ({name}) queued",
         data={"corpus_id": corpus.public_id, "position": position},
     )
+    status_changed(session, job)
     session.flush()
     session.refresh(stage)
     return stage, job

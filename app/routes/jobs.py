@@ -6,7 +6,6 @@ nothing changed (answered cheaply by app.conditional_reads when the job is watch
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -17,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Principal, authenticate, get_session
 from app.idempotency import IdempotencyScope, idempotency_header, request_hash
-from app.job_watch import JobWatcher, etag_matches, events_etag, job_etag
+from app.job_watch import JobWatcher, etag_matches, events_etag, job_etag, sse_frame
 from app.path_ids import JobPath
 from app.presenters import event_out, job_out, json_ok
 from app.problems import Problem
@@ -76,26 +75,17 @@ def get_job(
     job, stage = owned_job(session, job_id, principal.owner)
     body = job_out(job, stage).model_dump(mode="json")
     etag = job_etag(body)
-    if if_none_match is not None:
-        # a poller: watch the job so its next conditional read skips the database
-        request.app.state.job_watcher.start_from_thread(job.public_id)
-        if etag_matches(if_none_match, etag):
-            return _not_modified(etag)
+    # a poller: watch the job so that its next read is answered from the watch, without
+    # the database (app.conditional_reads)
+    request.app.state.job_watcher.start_from_thread(job.public_id)
+    if etag_matches(if_none_match, etag):
+        return _not_modified(etag)
     return _tagged(JSONResponse(body), etag)
 
 
 def _newest_seq(session: Session, job_row_id: int) -> int:
     """The number of the job's newest committed event (0: none yet)."""
     return session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_row_id)) or 0
-
-
-def _sse(kind: str, payload: dict | None) -> bytes:
-    if kind == "keepalive":
-        return b": keep-alive\n\n"
-    data = json.dumps(payload, separators=(",", ":"))
-    if kind == "event":
-        return f"id: {payload['id']}\ndata: {data}\n\n".encode()
-    return f"event: {kind}\ndata: {data}\n\n".encode()
 
 
 async def _stream(
@@ -106,13 +96,13 @@ async def _stream(
     yield b"retry: 2000\n\n"
     last_job: dict | None = None
     deadline = time.monotonic() + max_seconds
-    async for kind, payload in watcher.follow(job_id, after, min(keepalive, max_seconds)):
+    async for kind, payload, frame in watcher.follow(job_id, after, min(keepalive, max_seconds)):
         if kind == "job":
             last_job = payload
-        yield _sse(kind, payload)
+        yield frame
         if time.monotonic() > deadline:
             return
-    yield _sse("end", last_job or {})
+    yield sse_frame("end", last_job or {})
 
 
 @router.get(
@@ -172,10 +162,9 @@ def list_events(
     newest = _newest_seq(session, job.id)
     start = parse_seq(after)
     etag = events_etag(job.public_id, newest, start, limit)
-    if if_none_match is not None:
-        request.app.state.job_watcher.start_from_thread(job.public_id)
-        if etag_matches(if_none_match, etag):
-            return _not_modified(etag)
+    request.app.state.job_watcher.start_from_thread(job.public_id)  # next page: from the watch
+    if etag_matches(if_none_match, etag):
+        return _not_modified(etag)
     rows = list(
         session.scalars(
             select(JobEvent)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -17,6 +16,8 @@ from app.queries import owned_lineage
 from app.schemas import (
     MetricsOut,
 )
+from das_engine.jsonsafe import finite, json_safe
+from service_core.loss_matrix import LossCell, matrix_from_cells
 from service_core.models import (
     JOB_SUCCEEDED,
     EndTaskScore,
@@ -28,34 +29,21 @@ from service_core.models import (
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
 def build_metrics(session: Session, lineage: Lineage) -> dict[str, Any]:
     """The matrix from stored ``EvalScore`` rows, summarised by ``das_engine.metrics``."""
     from das_engine.metrics import summarize
 
     stages = [s for s in lineage.stages if s.job.status == JOB_SUCCEEDED]
-    domains = [s.name for s in stages]
     scores = session.scalars(
         select(EvalScore).where(EvalScore.lineage_id == lineage.id, EvalScore.metric == "loss")
     ).all()
-    cell = {(s.stage_id, s.domain): s.value for s in scores}
-    matrix = [[_finite(cell.get((st.id, d))) for d in domains] for st in stages]
-    base = [_finite(cell.get((None, d))) for d in domains]
-    general: dict[str, Any] = {}
-    general_losses = [_finite(cell.get((st.id, None))) for st in stages]
-    if any(v is not None for v in general_losses) or (None, None) in cell:
-        general = {
-            "base_loss": _finite(cell.get((None, None))),
-            "losses": general_losses,
-        }
-    summary = summarize(
-        domains, matrix, base if any(v is not None for v in base) else None, general or None
+    m = matrix_from_cells(
+        (LossCell(s.stage_id, s.domain, s.value) for s in scores),
+        [(st.id, st.name) for st in stages],
     )
+    summary = summarize(m.domains, m.loss_matrix, m.base_losses, m.general)
     summary["end_task"] = end_task_block(session, lineage, stages)
-    return _without_non_finite(summary)
+    return json_safe(summary)
 
 
 def end_task_block(session: Session, lineage: Lineage, stages: list[Stage]) -> dict | None:
@@ -76,7 +64,7 @@ def end_task_block(session: Session, lineage: Lineage, stages: list[Stage]) -> d
 
     def matrix(attr: str) -> list[list[float | None]]:
         return [
-            [_finite(getattr(cell[(r, t.id)], attr)) if (r, t.id) in cell else None for t in tasks]
+            [finite(getattr(cell[(r, t.id)], attr)) if (r, t.id) in cell else None for t in tasks]
             for r in rows
         ]
 
@@ -93,17 +81,6 @@ def end_task_block(session: Session, lineage: Lineage, stages: list[Stage]) -> d
             "macro_f1": summarize_scores(domains, names, f1[0], f1[1:]),
         },
     }
-
-
-def _without_non_finite(value: Any) -> Any:
-    """JSON has no NaN/Infinity: such a value is reported as null."""
-    if isinstance(value, float):
-        return _finite(value)
-    if isinstance(value, dict):
-        return {k: _without_non_finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_without_non_finite(v) for v in value]
-    return value
 
 
 @router.get("/{lineage_id}/metrics", response_model=MetricsOut, summary="Forgetting metrics")

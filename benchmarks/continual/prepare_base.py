@@ -10,6 +10,12 @@ document: a held-out part (never trained on) is written beside the model as
 
 Writes ``<out>/model`` (HF directory, loads with plain transformers), ``<out>/general_eval.txt``
 and ``<out>/base.json`` (sizes, losses, unigram entropy, wall time).
+
+Training is the engine's loop (``das_engine.pretraining.pretrain``: ``Trainer`` with a
+warm-up then linear decay to 5 % of ``--lr``, ``--head-steps`` head-only steps first, the
+``--minutes`` budget as a graceful stop, step checkpoints under ``<out>/checkpoints`` while
+it runs). Bases built before it used a loop of their own (another data order and MLM
+masks, weight decay on every parameter): a rebuilt base is as good, not byte-identical.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ from pathlib import Path
 import torch
 
 from das_engine.bases import build_tiny_model, cache_dir, save_base, train_tokenizer
+from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, build_single_split, iter_documents
 from das_engine.evaluate import heldout_loss
-from das_engine.objective import Batcher, lm_forward
+from das_engine.objective import Batcher
+from das_engine.pretraining import pretrain
+from das_engine.progress import ProgressEvent
+from das_engine.trainer import warmup_linear_decay
 from das_engine.units import build_unit_map
 
 
@@ -155,50 +165,43 @@ def main(argv: list[str] | None = None) -> dict:
     initial = evaluate()
     print(f"initial held-out loss {initial:.3f}", flush=True)
     head_names = {n for n, _ in unit_map.head_module(model).named_parameters()}
-    head_params = {id(p) for p in unit_map.head_module(model).parameters()}
-    body = [p for p in model.parameters() if id(p) not in head_params]
-    frozen_body = args.head_steps > 0
-    for p in body:
-        p.requires_grad_(not frozen_body)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = max(1, args.max_steps // 20)
-    decay = max(1, args.max_steps - warmup)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.05, (args.max_steps - s) / decay))
+    config = TrainingConfig(
+        strategy="ncl",
+        learning_rate=args.lr,
+        weight_decay=0.01,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        checkpoint_every=500,
+        max_grad_norm=1.0,
+        mixed_precision="no",
     )
-    gen = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train), generator=gen)
-    model.train()
     deadline = started + args.minutes * 60
-    step, tokens, log = 0, 0, []
-    while step < args.max_steps and time.perf_counter() < deadline:
-        k = (step * args.batch_size) % len(train)
-        if k + args.batch_size > len(train):
-            order = torch.randperm(len(train), generator=gen)
-            k = 0
-        rows = train.rows(order[k : k + args.batch_size].tolist())
-        if frozen_body and step >= args.head_steps:  # head warmed up: train everything
-            frozen_body = False
-            for p in body:
-                p.requires_grad_(True)
-        batch = batcher(rows["input_ids"], rows["attention_mask"], seed=args.seed * 7 + step)
-        torch.manual_seed(args.seed * 7919 + step)
-        loss = lm_forward(model, unit_map, batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        tokens += int(rows["attention_mask"].sum())
-        if step % 100 == 0:
+    log: list[dict] = []
+
+    def every_100_steps(event: ProgressEvent) -> None:
+        if event.phase == "training" and event.step and event.step % 100 == 0:
             ev = evaluate()
-            log.append({"step": step, "train_loss": float(loss.detach()), "eval_loss": ev})
+            log.append({"step": event.step, "train_loss": event.loss, "eval_loss": ev})
             print(
-                f"step {step} train {float(loss.detach()):.3f} eval {ev:.3f} "
-                f"{tokens / (time.perf_counter() - started):.0f} tok/s",
+                f"step {event.step} train {event.loss:.3f} eval {ev:.3f} "
+                f"{event.tokens_per_s or 0:.0f} tok/s",
                 flush=True,
             )
+
+    summary = pretrain(
+        model,
+        tokenizer,
+        train,
+        config,
+        out / "checkpoints",  # a crashed round resumes from its last step checkpoint
+        lr_lambda=warmup_linear_decay(args.max_steps, args.max_steps // 20, floor=0.05),
+        head_only_steps=args.head_steps,
+        should_stop=lambda: time.perf_counter() >= deadline,
+        progress=every_100_steps,
+    )
+    step, tokens = summary.steps, summary.trained_tokens
     final = evaluate()
     save_base(model, tokenizer, out / "model")
     if previous is not None:  # totals over both rounds

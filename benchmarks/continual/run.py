@@ -7,6 +7,10 @@
         --strategies kd,ewc,replay,adapter --seeds 0,1,2 --tokens-per-domain 200000 \\
         --out benchmarks/out/continual
 
+Current-practice baselines (variants.py): ``replay_mix`` (with ``ncl_rewarm``, its control
+without replay), ``merge``, ``merge_ties``, ``das_rewarm``, ``das_merge`` (and
+``das_merge_permuted``), e.g. ``--strategies replay_mix,ncl_rewarm,merge,das_merge``.
+
 The controls are always added (``--no-controls`` drops them, for smoke tests only): DAS
 with importance permuted onto random units and NCL at learning rate x1, x0.5, x0.25, x0.1;
 unless ``--no-studies``, also DAS with gradient masking and the one-sided / rank

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: strategies that train as DAS does (soft-masking and importance), pinned alike
+DAS_STRATEGIES = ("das", "das_merge")
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -26,7 +29,7 @@ class Variant:
         # defaults change
         paper = (
             {"contrast_weight": 1.0, "mask_embeddings": False, "mask_layernorm": False}
-            if self.strategy == "das"
+            if self.strategy in DAS_STRATEGIES
             else {}
         )
         cfg = {**paper, **common, **self.overrides, "strategy": self.strategy, "seed": seed}
@@ -50,10 +53,10 @@ def _ncl(scale: float) -> Variant:
     return Variant(name, "ncl", lr_scale=scale, note=f"NCL, learning rate x{scale:g}")
 
 
-def _das(name: str, note: str, **overrides) -> Variant:
+def _das(name: str, note: str, strategy: str = "das", **overrides) -> Variant:
     """A DAS variant: update masking and the paper's normalisation unless it says otherwise."""
     return Variant(
-        name, "das", {"mask_mode": "update", "normalization": "paper", **overrides}, note=note
+        name, strategy, {"mask_mode": "update", "normalization": "paper", **overrides}, note=note
     )
 
 
@@ -155,6 +158,49 @@ KNOWN: dict[str, Variant] = {
             "adapter",
             lr_scale=10.0,
             note="Adapter-ONE: per-domain LoRA on a frozen backbone (learning rate x10)",
+        ),
+        Variant(
+            "cpt",
+            "cpt",
+            lr_scale=10.0,
+            note="CPT: CL-plugins with HAT task masks on a frozen backbone (learning rate x10)",
+        ),
+        # current practice for continued pre-training (issue 11): replay mixing with LR
+        # re-warming, and merging each stage back into the model it came from
+        Variant(
+            "replay_mix",
+            "replay_mix",
+            note="Ibrahim et al. 2024: 5% earlier-domain chunks in every batch, LR re-warmed"
+            " (5% of the stage) and cosine re-decayed to 10% every stage",
+        ),
+        Variant(
+            "ncl_rewarm",
+            "ncl",
+            {"lr_scheduler": "cosine", "warmup_ratio": 0.05},
+            note="NCL with replay_mix's LR re-warming and re-decay, no replay (its control)",
+        ),
+        Variant("merge", "merge", note="task arithmetic with the previous stage, alpha 0.5"),
+        Variant(
+            "elle", "elle", note="ELLE: FFN +25% per stage, recovery warm-up, prompts, 5% replay"
+        ),
+        Variant(
+            "merge_ties",
+            "merge",
+            {"merge_method": "ties", "merge_density": 0.2},
+            note="TIES with the previous stage: the top 20% of each tensor's change, alpha 0.5",
+        ),
+        _das(
+            "das_rewarm",
+            "DAS with per-stage LR re-warming and cosine re-decay (no code: the schedule)",
+            lr_scheduler="cosine",
+            warmup_ratio=0.05,
+        ),
+        _das("das_merge", "DAS training, then task arithmetic, alpha 0.5", "das_merge"),
+        _das(
+            "das_merge_permuted",
+            "control for das_merge",
+            "das_merge",
+            importance_control="permuted",
         ),
     )
 }

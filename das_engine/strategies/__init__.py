@@ -1,19 +1,19 @@
-"""Strategies by name. Adding one = one file with a ``Strategy`` subclass + one line here."""
+"""Strategies by name, found in this package: adding one = one file with a ``Strategy``
+subclass that sets ``name`` (and ``params``, if it has parameters), plus its test."""
+
+import importlib
+import pkgutil
 
 from das_engine.config import TrainingConfig
 from das_engine.errors import ConfigError
-from das_engine.strategies.adapter import Adapter
-from das_engine.strategies.base import StageContext, Strategy
-from das_engine.strategies.das import DAS
-from das_engine.strategies.ewc import EWC
-from das_engine.strategies.kd import KD
-from das_engine.strategies.ncl import NCL
-from das_engine.strategies.one import ONE
-from das_engine.strategies.replay import Replay
+from das_engine.strategies.base import REGISTRY, StageContext, Strategy
+from das_engine.strategy_registry import strategy_names
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (DAS, NCL, ONE, KD, EWC, Replay, Adapter)
-}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+#: every strategy, by name (the registry's order: the default first)
+STRATEGIES: dict[str, type[Strategy]] = {name: REGISTRY[name] for name in strategy_names()}
 
 
 def strategy_class(name: str) -> type[Strategy]:

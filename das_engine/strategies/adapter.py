@@ -18,14 +18,28 @@ checkpoint is a plain transformers model that loads without any adapter library.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from das_engine.storage import atomic_dir
 from das_engine.strategies.base import StageContext, Strategy
+from das_engine.strategy_params import StrategyParams, param
 
 DIR = "adapter"  # under the stage directory
+
+
+@dataclass
+class AdapterParams(StrategyParams):
+    adapter_rank: int = param(8, "Strategy `adapter`: LoRA rank.", minimum=1, maximum=4096)
+    adapter_alpha: float = param(
+        16.0,
+        "Strategy `adapter`: LoRA scaling numerator (scale = alpha / rank).",
+        minimum=0.0,
+        maximum=1e4,
+        exclusive_minimum=True,
+    )
 
 
 def adapted_modules(ctx: StageContext) -> list[str]:
@@ -44,6 +58,7 @@ def adapted_modules(ctx: StageContext) -> list[str]:
 
 class Adapter(Strategy):
     name = "adapter"
+    params = AdapterParams
     starts_from_base = True
 
     def prepare(self, ctx: StageContext) -> None:
@@ -54,8 +69,8 @@ class Adapter(Strategy):
         targets = adapted_modules(ctx)
         conv1d = [type(ctx.model.get_submodule(n)).__name__ == "Conv1D" for n in targets]
         lora = LoraConfig(
-            r=cfg.adapter_rank,
-            lora_alpha=cfg.adapter_alpha,
+            r=self.params.adapter_rank,
+            lora_alpha=self.params.adapter_alpha,
             target_modules=targets,
             lora_dropout=0.0,
             bias="none",

@@ -1,10 +1,15 @@
 """The small interface every continual-learning strategy implements.
 
-The trainer calls, per stage: ``prepare`` once, ``build_optimizer`` once, then per
+Per stage, the lineage calls ``begin_stage`` (before it scores the earlier models on the
+new domain) and ``prepare``; the trainer calls ``build_optimizer`` once, then per
 optimizer step ``loss`` (per micro-batch), ``after_backward``, ``before_step``,
-``after_step``; the lineage then calls
-``finish`` and saves ``final_model``. A strategy is a recipe
+``after_step``; the lineage then calls ``finish``, takes ``final_model`` and calls
+``end_stage`` (before the held-out evaluation and the commit). A strategy is a recipe
 over the tested components (units, importance, softmask, contrastive).
+
+A subclass with its own ``name`` registers itself (``REGISTRY``); its parameters, if any,
+are a ``StrategyParams`` dataclass in the same file named by ``params``
+(das_engine/strategy_registry.py reads both without importing the file).
 """
 
 from __future__ import annotations
@@ -15,11 +20,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from das_engine import strategy_registry
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore
 from das_engine.importance import Importance
 from das_engine.objective import Batcher, lm_forward
+from das_engine.precision import Precision
+from das_engine.progress import ProgressFn, no_progress
+from das_engine.strategy_params import StrategyParams
 from das_engine.units import UnitMap
+
+#: every strategy class imported so far, by name (das_engine.strategies imports them all)
+REGISTRY: dict[str, type[Strategy]] = {}
 
 
 @dataclass
@@ -33,6 +45,12 @@ class StageContext:
     base_dir: Path | None = None  # the lineage's base model (HF directory)
     train_store: ChunkStore | None = None
     batcher: Batcher | None = None
+    # for the stage hooks (``begin_stage``/``end_stage``); the lineage sets them
+    lineage_dir: Path | None = None  # the lineage's own files (e.g. ``importance/``)
+    domain: str = ""  # the new domain's name
+    from_base: bool = False  # ``model`` was loaded from the base (stage 1, or ONE)
+    precision: Precision | None = None  # the stage's precision context
+    progress: ProgressFn = no_progress
 
     @property
     def device(self) -> torch.device:
@@ -50,11 +68,30 @@ class Strategy:
     name = "base"
     #: start every stage from the base model instead of the previous stage (ONE)
     starts_from_base = False
-    #: compute general importance at stage 1 and domain importance after each stage
-    uses_importance = False
+    #: the strategy's own parameters (a StrategyParams dataclass of the same file), or None
+    params: type[StrategyParams] | StrategyParams | None = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__ or not cls.__module__.startswith(__package__ + "."):
+            return  # only this package's files declare strategies (a test's subclass: no)
+        declared = strategy_registry.declared().get(cls.name)
+        ours = cls.__dict__.get("params")
+        theirs = declared.params if declared is not None else None
+        if declared is None or (ours is None) != (theirs is None):
+            raise TypeError(f"{cls.__name__}: not declared as the registry reads it")
+        if ours is not None:
+            cls.params = theirs  # the one class TrainingConfig holds instances of
+        REGISTRY[cls.name] = cls
 
     def __init__(self, config: TrainingConfig) -> None:
         self.config = config
+        self.params = config.strategy_params(self.name)  # this strategy's, or None
+
+    def begin_stage(self, ctx: StageContext) -> None:
+        """Before the earlier models are scored on the new domain and before ``prepare``:
+        derive what this stage needs from the earlier ones (DAS: I_acc(t-1), measuring
+        I_general at stage 1). Runs on every rank, before any weight changes."""
 
     def prepare(self, ctx: StageContext) -> None:
         self.ctx = ctx
@@ -68,6 +105,12 @@ class Strategy:
         strategy folds something into the step (DAS's update mask)."""
         params = list(params)
         return torch.optim.AdamW(params, **{"fused": _all_on_cuda(params), **adamw_kwargs})
+
+    def build_scheduler(self, optimizer, config: TrainingConfig, total: int):
+        """The stage's LR schedule (``config.lr_scheduler``); a strategy may bring its own."""
+        from das_engine.trainer import make_scheduler
+
+        return make_scheduler(optimizer, config, total)
 
     def after_backward(self) -> None:
         pass
@@ -85,6 +128,12 @@ class Strategy:
     def final_model(self, model: nn.Module) -> nn.Module:
         """The model to save as the stage checkpoint (e.g. adapters merged into weights)."""
         return model
+
+    def end_stage(self, ctx: StageContext, model: nn.Module) -> dict:
+        """After ``final_model``, before the held-out evaluation: measure what later stages
+        need from the trained ``model`` (DAS: I(t), I_acc(t)) and save it under
+        ``ctx.stage_dir``. Returns entries for the stage's ``stage.json``."""
+        return {}
 
 
 def _all_on_cuda(params: list) -> bool:

@@ -9,6 +9,11 @@ domain t"). One step, in the spec's order:
 4. L_DAP = L_MLM + lambda * InfoNCE(o, o+, o_prev);
 5. the optimizer's change to unit-writing parameters is scaled by (1 - I_acc): inside the
    AdamW step (update mode, ``build_optimizer``) or on the gradients (gradient mode).
+
+Per stage (``das_importance``): ``begin_stage`` loads I_acc(t-1) into ``ctx.accumulated``
+(measuring I_general at stage 1); ``end_stage`` measures I(t) and saves
+I_acc(t) = EMax(I_acc(t-1), I(t)). ``ctx.accumulated`` is the one I_acc: the permuted
+control only shuffles the copy the mask and the o_prev gates are built from.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from das_engine.contrastive import info_nce
 from das_engine.errors import ConfigError
 from das_engine.objective import IGNORE, lm_forward, mean_pool
 from das_engine.softmask import SoftMask
+from das_engine.strategies import das_importance
 from das_engine.strategies.base import StageContext, Strategy
 from das_engine.units import UNIT_KINDS, gates_attached
 from das_engine.view_dropout import injected_dropout, native_dropout, view_dropout
@@ -27,20 +33,23 @@ from das_engine.view_dropout import injected_dropout, native_dropout, view_dropo
 
 class DAS(Strategy):
     name = "das"
-    uses_importance = True
+
+    def begin_stage(self, ctx: StageContext) -> None:
+        ctx.accumulated = das_importance.accumulated_before(ctx)
 
     def prepare(self, ctx: StageContext) -> None:
         super().prepare(ctx)
-        if ctx.accumulated is not None and ctx.config.importance_control == "permuted":
-            ctx.accumulated = ctx.accumulated.permuted(ctx.config.seed)
+        gates = ctx.accumulated
+        if gates is not None and ctx.config.importance_control == "permuted":
+            gates = gates.permuted(ctx.config.seed)  # the control: same values, random units
         self.mask = (
             SoftMask(
                 ctx.unit_map,
-                ctx.accumulated,
+                gates,
                 ctx.config.mask_mode,
                 UNIT_KINDS + ctx.config.extra_unit_kinds(),
             )
-            if ctx.accumulated is not None
+            if gates is not None
             else None
         )
         # a model without dropout of its own gets importance_dropout on the positive half
@@ -55,9 +64,7 @@ class DAS(Strategy):
             )
         device = next(ctx.model.parameters()).device
         self.prev_gates = (
-            {k: ctx.accumulated.values[k].to(device) for k in UNIT_KINDS}
-            if ctx.accumulated is not None
-            else None
+            {k: gates.values[k].to(device) for k in UNIT_KINDS} if gates is not None else None
         )
 
     def views(
@@ -100,3 +107,7 @@ class DAS(Strategy):
     def after_backward(self) -> None:
         if self.mask is not None:
             self.mask.after_backward()
+
+    def end_stage(self, ctx: StageContext, model: nn.Module) -> dict:
+        assert ctx.accumulated is not None, "begin_stage loads I_acc(t-1)"
+        return {"importance": das_importance.record_domain(ctx, model, ctx.accumulated)}

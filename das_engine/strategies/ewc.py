@@ -11,6 +11,8 @@ training a later domain:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -18,8 +20,25 @@ from torch import nn
 from das_engine.objective import lm_forward
 from das_engine.storage import atomic_path
 from das_engine.strategies.base import StageContext, Strategy
+from das_engine.strategy_params import StrategyParams, param
 
 FILE = "ewc.safetensors"
+
+
+@dataclass
+class EWCParams(StrategyParams):
+    ewc_lambda: float = param(
+        100.0, "Strategy `ewc`: penalty weight lambda.", minimum=0.0, maximum=1e12
+    )
+    ewc_gamma: float = param(
+        0.9, "Strategy `ewc`: online decay of the accumulated Fisher.", minimum=0.0, maximum=1.0
+    )
+    ewc_fisher_samples: int = param(
+        64,
+        "Strategy `ewc`: chunks used to estimate a domain's Fisher (one backward each).",
+        minimum=1,
+        maximum=100000,
+    )
 
 
 Tensors = dict[str, torch.Tensor]
@@ -48,6 +67,7 @@ def load_state(stage_dir) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
 
 class EWC(Strategy):
     name = "ewc"
+    params = EWCParams
 
     def prepare(self, ctx: StageContext) -> None:
         super().prepare(ctx)
@@ -69,7 +89,7 @@ class EWC(Strategy):
         if not self.fisher:
             return out.loss, {"lm_loss": float(out.loss.detach())}
         pen = self.penalty(model)
-        total = out.loss + self.config.ewc_lambda / 2 * pen
+        total = out.loss + self.params.ewc_lambda / 2 * pen
         return total, {"lm_loss": float(out.loss.detach()), "ewc": float(pen.detach())}
 
     def domain_fisher(self, ctx: StageContext) -> dict[str, torch.Tensor]:
@@ -78,7 +98,7 @@ class EWC(Strategy):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         fisher = {n: torch.zeros_like(p) for n, p in named}
         store, batcher = ctx.train_store, ctx.batcher
-        n = min(cfg.ewc_fisher_samples, len(store))
+        n = min(self.params.ewc_fisher_samples, len(store))
         gen = torch.Generator().manual_seed(cfg.seed + 4099)
         picked = torch.randperm(len(store), generator=gen)[:n].tolist()
         was_training = model.training
@@ -103,7 +123,7 @@ class EWC(Strategy):
         if ctx.train_store is None or ctx.batcher is None:
             raise ValueError("ewc needs the stage's training chunks to estimate the Fisher")
         new = self.domain_fisher(ctx)
-        gamma = self.config.ewc_gamma
+        gamma = self.params.ewc_gamma
         tensors = {}
         for name, f in new.items():
             old = self.fisher.get(name)

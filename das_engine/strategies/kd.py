@@ -8,11 +8,25 @@ over the last hidden states of the real (non-padding) tokens of the same inputs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from das_engine.objective import lm_forward
 from das_engine.strategies.base import StageContext, Strategy
+from das_engine.strategy_params import StrategyParams, param
+
+
+@dataclass
+class KDParams(StrategyParams):
+    kd_weight: float = param(
+        1.0,
+        "Strategy `kd`: weight of the distillation loss (MSE to the previous model's last "
+        "hidden states).",
+        minimum=0.0,
+        maximum=1e4,
+    )
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,6 +45,7 @@ def teacher_dir(ctx: StageContext):
 
 class KD(Strategy):
     name = "kd"
+    params = KDParams
 
     def prepare(self, ctx: StageContext) -> None:
         from das_engine.bases import load_model
@@ -53,7 +68,7 @@ class KD(Strategy):
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         out = lm_forward(model, self.ctx.unit_map, batch)
         kd = self.distill(out.hidden, batch)
-        total = out.loss + self.config.kd_weight * kd
+        total = out.loss + self.params.kd_weight * kd
         return total, {"lm_loss": float(out.loss.detach()), "kd": float(kd.detach())}
 
     def finish(self, ctx: StageContext) -> None:

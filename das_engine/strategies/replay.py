@@ -16,6 +16,7 @@ stage's ``strategy/replay.safetensors`` (ids as JSON metadata, outputs as a tens
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +27,32 @@ from das_engine.data import ChunkStore
 from das_engine.objective import lm_forward
 from das_engine.storage import atomic_path
 from das_engine.strategies.base import StageContext, Strategy
+from das_engine.strategy_params import StrategyParams, param
 
 FILE = "replay.safetensors"
 STRIDE = 4  # store the hidden state of every 4th position
+
+
+@dataclass
+class ReplayParams(StrategyParams):
+    replay_buffer_size: int = param(
+        256,
+        "Strategy `replay`: chunks kept in the buffer (ids and stored outputs).",
+        minimum=1,
+        maximum=10**6,
+    )
+    replay_alpha: float = param(
+        0.5,
+        "Strategy `replay` (DER++): weight of the stored-output matching.",
+        minimum=0.0,
+        maximum=1e4,
+    )
+    replay_beta: float = param(
+        0.5,
+        "Strategy `replay` (DER++): weight of the LM loss on replayed chunks.",
+        minimum=0.0,
+        maximum=1e4,
+    )
 
 
 def stage_name(stage_dir: Path) -> str:
@@ -62,6 +86,7 @@ def balanced_keep(entries: list[dict], quota: int, seed: int) -> list[int]:
 
 class Replay(Strategy):
     name = "replay"
+    params = ReplayParams
 
     def prepare(self, ctx: StageContext) -> None:
         super().prepare(ctx)
@@ -104,7 +129,7 @@ class Replay(Strategy):
         mask = rb["attention_mask"][:, ::STRIDE].to(torch.float32)
         diff = (rout.hidden[:, ::STRIDE].float() - stored).pow(2).mean(-1)
         match = (diff * mask).sum() / mask.sum().clamp_min(1.0)
-        total = out.loss + cfg.replay_beta * rout.loss + cfg.replay_alpha * match
+        total = out.loss + self.params.replay_beta * rout.loss + self.params.replay_alpha * match
         return total, {
             "lm_loss": float(out.loss.detach()),
             "replay_lm": float(rout.loss.detach()),
@@ -135,11 +160,11 @@ class Replay(Strategy):
         cfg = self.config
         name = stage_name(ctx.stage_dir)
         n_domains = len({e["stage"] for e in self.entries}) + 1
-        quota = max(1, cfg.replay_buffer_size // n_domains)
+        quota = max(1, self.params.replay_buffer_size // n_domains)
         keep = balanced_keep(self.entries, quota, cfg.seed)
         kept_entries = [self.entries[i] for i in keep]
         kept_hidden = self.hidden[keep] if self.hidden is not None and keep else None
-        room = cfg.replay_buffer_size - len(kept_entries)
+        room = self.params.replay_buffer_size - len(kept_entries)
         gen = torch.Generator().manual_seed(cfg.seed * 31 + len(ctx.previous_stage_dirs))
         chosen = torch.randperm(len(ctx.train_store), generator=gen)[:room].tolist()
         new = [

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,40 @@ def corpora(tmp_path) -> tuple[Path, Path]:
 def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def interrupt(lineage, corpus: Path, name: str, after_steps: int = 5) -> None:
+    """Start ``name``'s stage on ``lineage`` and cancel it after ``after_steps`` steps."""
+    from das_engine.errors import Cancelled
+
+    done: list[int] = []
+
+    def progress(e) -> None:
+        if e.phase == "training" and e.total:
+            done.append(e.step)
+
+    with pytest.raises(Cancelled):
+        lineage.add_domain(
+            corpus, name, progress=progress, should_cancel=lambda: len(done) >= after_steps
+        )
+
+
+def run_without_das_engine(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter without this worktree on its path (a user's)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def stage_data(tmp_path_factory, tokenizer) -> Path:
+    """A tokenized training split (block size 32) of the legal corpus, for trainers."""
+    from das_engine.data import build_datasets
+
+    root = tmp_path_factory.mktemp("stage")
+    corpus = write_corpus(root / "legal.txt", LEGAL)
+    build_datasets(
+        corpus, tokenizer, root / "data", block_size=32, objective="mlm", eval_fraction=0.1, seed=0
+    )
+    return root / "data" / "train"

@@ -8,6 +8,7 @@ import random
 from benchmarks.continual import run as bench
 from benchmarks.continual.report import interpolate
 from benchmarks.continual.variants import CONTROLS, expand
+from das_engine.config import TrainingConfig
 
 VOCAB = {
     "farm": "cow barn hay field tractor harvest milk wheat plough sheep fence seed".split(),
@@ -54,6 +55,12 @@ def test_controls_are_always_added():
     )
     lean = [v.name for v in expand(["das_emb_ln"], studies=False)]
     assert set(CONTROLS) <= set(lean) and not {"das_gradient", "das_rank"} & set(lean)
+    # the current-practice baselines (issue 11), DAS + merge pinned like every DAS variant
+    new = {v.name: v for v in expand(["replay_mix", "merge", "merge_ties", "das_merge", "elle"])}
+    assert new["das_merge"].config({}, seed=0)["contrast_weight"] == 1.0
+    assert new["merge_ties"].config({}, seed=0)["merge_method"] == "ties"
+    for v in new.values():  # each one a valid config of a registered strategy
+        TrainingConfig.from_dict(v.config({}, seed=0))
     adhoc = expand(["das:mask_mode=gradient,lr_scale=0.5"], controls=False)[0]
     assert adhoc.overrides == {"mask_mode": "gradient"} and adhoc.lr_scale == 0.5
 

@@ -102,6 +102,13 @@ def test_errors_are_one_line_with_a_code(tmp_path):
     args = ["run", "--base", "tiny-roberta", "--out", str(tmp_path / "y"), "--lr", "-1", "a.txt"]
     r = _run(args, cwd=tmp_path)
     assert r.returncode == 2 and "learning_rate" in r.stderr
+    # a domain name outside the one rule (das_engine.names), from the file name or given
+    (tmp_path / "naïve notes.txt").write_text(LEGAL)
+    for corpus in ("naïve notes.txt", "新闻=a.txt"):
+        args = ["run", "--base", "tiny-roberta", "--out", str(tmp_path / "z"), corpus]
+        r = _run(args, cwd=tmp_path)
+        assert r.returncode == 2 and "domain name must be" in r.stderr and "NAME=PATH" in r.stderr
+        assert not (tmp_path / "z").exists()
 
 
 def test_init_base_builds_a_loadable_model(tmp_path):

@@ -12,6 +12,7 @@ from das_engine.importance import (
     Importance,
     domain_importance,
     general_importance,
+    layer_summary,
     normalize,
     proxy_kl_loss,
     raw_gate_gradients,
@@ -155,3 +156,19 @@ def test_snapshot_round_trip_keeps_kinds_and_shapes(tmp_path):
     assert meta["kind"] == "domain" and "head" in meta["shapes"]
     assert not list(tmp_path.glob("imp/.*tmp*"))  # the temp file is gone
     assert math.isclose(imp.stats()["head"]["mean"], float(imp.values["head"].mean()), rel_tol=1e-6)
+
+
+def test_layer_summary_reads_a_snapshot_per_layer_and_unit_kind(tmp_path):
+    values = {
+        "head": torch.tensor([[0.9, 0.1, 0.6, 0.2], [0.0, 0.0, 0.0, 0.51]]),
+        "intermediate": torch.tensor([[0.4] * 8, [0.7] * 8]),
+        "output": torch.tensor([[1.0 - 1e-6] * 3, [0.5] * 3]),
+    }
+    Importance(values).save(tmp_path / "acc.safetensors", "accumulated")
+    summary = layer_summary(tmp_path / "acc.safetensors")
+    assert set(summary) == {"head", "intermediate", "output"}
+    assert summary["head"]["layers"] == 2 and summary["head"]["units"] == 4
+    assert summary["head"]["share_above_half"] == [0.5, 0.25]
+    assert summary["head"]["mean"] == pytest.approx([0.45, 0.1275])
+    assert summary["intermediate"]["share_above_half"] == [0.0, 1.0]
+    assert summary["output"]["share_above_half"] == [1.0, 0.0]  # 0.5 itself is not above

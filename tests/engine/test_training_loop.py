@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import das_engine.lineage as lineage_mod
+import das_engine.strategies.das_importance as das_importance_mod
 import das_engine.trainer as trainer_mod
 from das_engine.config import TrainingConfig
-from das_engine.data import ChunkStore, build_datasets
+from das_engine.data import ChunkStore
 from das_engine.errors import Cancelled, ConfigError
 from das_engine.lineage import Lineage
 from das_engine.objective import Batcher
@@ -24,7 +25,7 @@ from das_engine.strategies import StageContext, make_strategy
 from das_engine.trainer import Trainer, gradient_checkpointing_active, make_scheduler
 from das_engine.units import build_unit_map
 
-from .conftest import LEGAL, TINY_CONFIG, params_equal, tiny, write_corpus
+from .conftest import TINY_CONFIG, params_equal, tiny
 
 CFG = {**TINY_CONFIG, "max_steps": 4, "checkpoint_every": 10}
 
@@ -84,16 +85,6 @@ def test_warmup_restarts_at_every_stage(tmp_path, corpora, monkeypatch):
 
 
 # -- a trainer on its own (no lineage) -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stage_data(tmp_path_factory, tokenizer) -> Path:
-    root = tmp_path_factory.mktemp("stage")
-    corpus = write_corpus(root / "legal.txt", LEGAL)
-    build_datasets(
-        corpus, tokenizer, root / "data", block_size=32, objective="mlm", eval_fraction=0.1, seed=0
-    )
-    return root / "data" / "train"
 
 
 def _trainer(tokenizer, train_dir: Path, ckpt: Path, precision=None, **overrides) -> Trainer:
@@ -236,7 +227,8 @@ def test_crash_after_training_resumes_without_retraining(tmp_path, corpora, monk
     straight.add_domain(corpora[0], "legal")
 
     lin = Lineage.create(tmp_path / "broken", "tiny-roberta", CFG)
-    real = getattr(lineage_mod, fails)
+    module = das_importance_mod if fails == "domain_importance" else lineage_mod
+    real = getattr(module, fails)
     calls = {"n": 0}
 
     def crash(*a, **k):
@@ -246,7 +238,7 @@ def test_crash_after_training_resumes_without_retraining(tmp_path, corpora, monk
             raise RuntimeError("simulated crash after training")
         return real(*a, **k)
 
-    monkeypatch.setattr(lineage_mod, fails, crash)
+    monkeypatch.setattr(module, fails, crash)
     with pytest.raises(RuntimeError, match="simulated"):
         lin.add_domain(corpora[0], "legal")
     partial = next((lin.path / "stages").glob("*.partial"))

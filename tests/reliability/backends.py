@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from app.main import create_app
 from app.migrate import upgrade
-from service_core.models import ApiKey, Corpus, Job, Lineage, Stage
+from service_core.models import ApiKey, Corpus, Job, Lineage, Stage, WebhookEndpoint
 from tests.service.conftest import EnqueueRecorder, Owner, make_settings
 
 BACKENDS = ["sqlite", "postgres"]
@@ -44,6 +44,9 @@ def stored_rows(app, owner: Owner) -> dict[str, int]:  # noqa: ANN001
             ),
             "jobs": session.scalar(select(func.count(Job.id)).where(Job.owner == owner.name)),
             "keys": session.scalar(select(func.count(ApiKey.id))),
+            "webhooks": session.scalar(
+                select(func.count(WebhookEndpoint.id)).where(WebhookEndpoint.owner == owner.name)
+            ),
         }
 
 
@@ -53,6 +56,7 @@ def reads_answer_200(client: TestClient, owner: Owner, lineage_id: int, corpus_i
         f"/v1/lineages/{lineage_id}",
         "/v1/corpora?limit=100",
         f"/v1/corpora/{corpus_id}",
+        "/v1/webhooks?limit=100",
     ):
         r = client.get(url, headers=owner.headers)
         assert r.status_code == 200, (url, r.text)

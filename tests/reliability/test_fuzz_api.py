@@ -101,7 +101,7 @@ def before_generate_path_parameters(context, strategy):  # noqa: ANN001, ANN202
 @pytest.fixture(scope="module", autouse=True)
 def seeded() -> Iterator[None]:
     """Migrations, an owner with a corpus, a lineage with a trained stage (artifacts to
-    download) and a queued one."""
+    download) and a queued one, and a webhook endpoint."""
     from worker.runner import JobRunner
 
     upgrade(SETTINGS)
@@ -113,7 +113,12 @@ def seeded() -> Iterator[None]:
         trained = add_domain(client, owner, lineage, "news")
         assert runner.run(trained) == "succeeded"
         queued = add_domain(client, owner, lineage, "law")
+        # a public address: registered without a connection (no dispatcher runs here)
+        hook = client.post(
+            "/v1/webhooks", headers=owner.headers, json={"url": "https://93.184.215.14/hook"}
+        ).json()["id"]
     KNOWN.update({"lineage_id": [lineage], "corpus_id": [corpus], "job_id": [trained, queued]})
+    KNOWN["webhook_id"] = [hook]
     KNOWN["position"] = [1, 2]
     OWNER.append(owner)
     try:
@@ -194,6 +199,19 @@ def _sent_and_kept(app, client, owner, lineage, corpus, response, before) -> Non
     reads_answer_200(client, owner, lineage, corpus)
 
 
+def _post_odd(odd_backend, path: str, body: dict):  # noqa: ANN001, ANN202
+    """POST ``body`` as raw JSON: no 5xx, a 4xx stores nothing, the reads still answer."""
+    app, client, owner, lineage, corpus = odd_backend
+    before = stored_rows(app, owner)
+    r = client.post(
+        path,
+        headers={**owner.headers, "Content-Type": "application/json"},
+        content=_raw(body),
+    )
+    _sent_and_kept(app, client, owner, lineage, corpus, r, before)
+    return r
+
+
 ODD_SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None
 )
@@ -204,15 +222,9 @@ ODD_SETTINGS = settings(
     name=SHORT_TEXT, base_model=st.one_of(st.just("tiny-roberta"), ODD_TEXT), hyper=HYPERPARAMETERS
 )
 def test_odd_values_in_a_lineage_never_break_it(odd_backend, name, base_model, hyper):
-    app, client, owner, lineage, corpus = odd_backend
-    before = stored_rows(app, owner)
+    client, owner = odd_backend[1], odd_backend[2]
     body = {"name": name, "base_model": base_model, "hyperparameters": hyper}
-    r = client.post(
-        "/v1/lineages",
-        headers={**owner.headers, "Content-Type": "application/json"},
-        content=_raw(body),
-    )
-    _sent_and_kept(app, client, owner, lineage, corpus, r, before)
+    r = _post_odd(odd_backend, "/v1/lineages", body)
     if r.status_code == 201:  # what was accepted is what is read back
         got = client.get(f"/v1/lineages/{r.json()['id']}", headers=owner.headers).json()
         assert got["name"] == name and got["hyperparameters"] == hyper
@@ -268,6 +280,34 @@ def test_odd_file_names_and_form_fields_never_break_uploads(odd_backend, filenam
     if up.status_code == 201:
         got = client.get(f"/v1/corpora/{up.json()['id']}", headers=owner.headers).json()
         assert got["filename"] == up.json()["filename"] and "\x00" not in got["filename"]
+
+
+ODD_URL = st.one_of(
+    ODD_TEXT,
+    ODD_TEXT.map(lambda t: f"https://{t}/hook"),
+    ODD_TEXT.map(lambda t: f"http://93.184.215.14/{t}"),
+    st.sampled_from(["http://[::1]/", "https://[fe80::1%25eth0]/", "http://0x7f.1/", "http://:80"]),
+)
+
+
+@ODD_SETTINGS
+@given(
+    url=ODD_URL,
+    description=st.one_of(st.none(), ODD_TEXT),
+    events=st.one_of(st.none(), st.lists(st.one_of(st.just("job.failed"), ODD_TEXT), max_size=3)),
+)
+def test_odd_values_in_a_webhook_never_break_the_list(odd_backend, url, description, events):
+    client, owner = odd_backend[1], odd_backend[2]
+    body: dict = {"url": url}
+    if description is not None:
+        body["description"] = description
+    if events is not None:
+        body["events"] = events
+    r = _post_odd(odd_backend, "/v1/webhooks", body)
+    if r.status_code == 201:  # what was accepted is what is read back
+        got = client.get(f"/v1/webhooks/{r.json()['id']}", headers=owner.headers).json()
+        assert got["url"] == url and got["description"] == (description or "")
+        assert client.delete(f"/v1/webhooks/{got['id']}", headers=owner.headers).status_code == 204
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)

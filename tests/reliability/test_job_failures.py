@@ -96,7 +96,11 @@ def _result(client, owner, job_id: int) -> dict:  # noqa: ANN001
     ("phase", "target", "make_fault"),
     [
         # the general importance (proxy KL) of the first stage
-        ("importance", "das_engine.lineage.general_importance", lambda real: _cuda_oom),
+        (
+            "importance",
+            "das_engine.strategies.das_importance.general_importance",
+            lambda real: _cuda_oom,
+        ),
         # the third training step (two step checkpoints... one at step 2 exists by then)
         (
             "training",

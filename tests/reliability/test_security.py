@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):  # noqa: ANN201
-    """An app where alice owns a corpus, a lineage with a trained stage and a queued one."""
+    """An app where alice owns a corpus, a lineage with a trained stage and a queued one, an
+    API key and a webhook endpoint."""
     with in_process_runner(tmp_path_factory.mktemp("security")) as env:
         settings, app, client, runner, _ = env
         alice = new_owner(app)
@@ -45,6 +46,9 @@ def trained(tmp_path_factory):  # noqa: ANN201
         second = add_domain(client, alice, lineage, "law")
         ids = {"lineage_id": lineage, "corpus_id": corpus, "job_id": second, "position": 1}
         ids["key_id"] = client.get("/v1/api-keys", headers=alice.headers).json()["data"][0]["id"]
+        hook = {"url": "https://93.184.215.14/alice"}  # public: no connection at registration
+        webhook = client.post("/v1/webhooks", headers=alice.headers, json=hook)
+        ids["webhook_id"] = webhook.json()["id"]
         yield settings, app, client, alice, ids
 
 

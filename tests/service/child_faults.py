@@ -33,3 +33,9 @@ def kill_at_step(step: int) -> None:
         return real(self, at, micro)
 
     trainer.Trainer._micro_batch = micro_batch
+
+
+def record_niceness(path: str) -> None:
+    """Write the child's niceness (the scheduler priority it trains at) to ``path``."""
+    with open(path, "w") as f:
+        f.write(str(os.nice(0)))

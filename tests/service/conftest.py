@@ -463,3 +463,71 @@ def load_checkpoint_in_subprocess(model_dir: Path) -> dict:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    """A running ``das-service serve`` (the API and its worker subprocess)."""
+
+    url: str
+    key: str
+    process: subprocess.Popen
+    worker_pid: int
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def serve_embedded(
+    data: Path, env_extra: dict[str, str] | None = None, **overrides
+) -> Iterator[Served]:
+    """``das-service serve`` in the embedded default mode (SQLite, the filesystem broker, a
+    real worker) on a free port of 127.0.0.1, once it answers /readyz and its worker is
+    ready; killed on exit if still running."""
+    import re
+
+    import httpx
+
+    env = service_env(make_settings(data, **overrides))
+    env.pop("DATABASE_URL", None)
+    env.pop("CELERY_BROKER_URL", None)
+    port = free_port()
+    env["PORT"] = str(port)
+    env.update(env_extra or {})
+    log_path = data / "serve.log"
+    log = log_path.open("wb")
+    serve = [sys.executable, "-m", "app.cli", "serve"]
+    process = subprocess.Popen(serve, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited:\n{log_path.read_text(errors='replace')}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 120, "das-service serve to listen")
+        text = log_path.read_text(errors="replace")
+        key = re.search(r"API key \(owner 'local'\): (\S+)", text).group(1)
+        worker_pid = int(re.search(r"worker pid (\d+)", text).group(1))
+        worker_log = data / "logs" / "worker.log"
+        wait_for(lambda: b" ready." in worker_log.read_bytes(), 120, "the worker")
+        yield Served(url, key, process, worker_pid, log_path)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()

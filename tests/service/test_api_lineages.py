@@ -78,6 +78,30 @@ def test_bad_hyperparameters_are_422_listing_fields(client, alice):
     assert client.get("/v1/lineages", headers=alice.headers).json()["data"] == []
 
 
+def test_strategy_parameters_are_flat_hyperparameters(client, alice):
+    """A strategy's own parameters (declared in its file) are checked like the others."""
+    bad = {"replay_ratio": 2, "merge_method": "average", "ewc_lambda": -1}
+    r = create_lineage(client, alice, strategy="replay_mix", hyperparameters=bad)
+    fields = {e["field"] for e in assert_problem(r, 422, "invalid_hyperparameters")["errors"]}
+    assert fields == {f"hyperparameters.{k}" for k in bad}
+    hp = {**TINY_HP, "replay_ratio": 0.1, "ewc_lambda": 5.0}
+    r = create_lineage(client, alice, strategy="replay_mix", hyperparameters=hp)
+    assert r.status_code == 201, r.text
+    assert r.json()["strategy"] == "replay_mix" and r.json()["hyperparameters"] == hp
+
+
+def test_elle_is_a_strategy_with_validated_parameters(client, alice):
+    """ELLE (a strategy file, found by the registry): its parameters are checked by the API."""
+    bad = {"elle_ffn_growth": -0.5, "elle_warmup_loss": "cosine", "elle_prompt_tokens": 1.5}
+    r = create_lineage(client, alice, strategy="elle", hyperparameters=bad)
+    fields = {e["field"] for e in assert_problem(r, 422, "invalid_hyperparameters")["errors"]}
+    assert fields == {f"hyperparameters.{k}" for k in bad}
+    hp = {**TINY_HP, "elle_ffn_growth": 0.5, "elle_new_layers": 1, "elle_warmup_loss": "mse"}
+    r = create_lineage(client, alice, strategy="elle", hyperparameters=hp)
+    assert r.status_code == 201, r.text
+    assert r.json()["strategy"] == "elle" and r.json()["hyperparameters"] == hp
+
+
 @pytest.mark.parametrize(
     "base", ["no-such-model", "/etc", "../../models/x", "~/models", "some-org/some-model", "."]
 )
@@ -216,7 +240,9 @@ def test_duplicate_domain_name_is_409(client, alice, lineage, news):
     assert_problem(add_domain(client, alice, lineage["id"], news, "news"), 409, "domain_exists")
 
 
-@pytest.mark.parametrize("name", ["", "a b", "../x", "x" * 65, "-start", "naïve"])
+@pytest.mark.parametrize(
+    "name", ["", "a b", "../x", "x" * 65, "-start", "naïve", "新闻", "ｎｅｗｓ", "news🙂"]
+)
 def test_invalid_domain_names_are_422(client, alice, lineage, news, name):
     assert_problem(add_domain(client, alice, lineage["id"], news, name), 422, "validation_error")
 

@@ -7,12 +7,9 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 import select
 import signal
 import socket
-import subprocess
-import sys
 import tarfile
 import time
 
@@ -20,66 +17,22 @@ import httpx
 import pytest
 
 from tests.service.conftest import (
-    REPO,
     TINY_HP,
     corpus_text,
     load_checkpoint_in_subprocess,
-    make_settings,
-    service_env,
+    serve_embedded,
     wait_for,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):  # noqa: ANN201
+    webhooks = {"DAS_WEBHOOK_ALLOW_PRIVATE": "true", "DAS_WEBHOOK_POLL_SECONDS": "0.2"}
     data = tmp_path_factory.mktemp("embedded")
-    settings = make_settings(data, max_upload_bytes=4 << 20)
-    env = service_env(settings)
-    env.pop("DATABASE_URL", None)
-    env.pop("CELERY_BROKER_URL", None)
-    port = _free_port()
-    env["PORT"] = str(port)
-    log = (data / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def output() -> str:
-        return (data / "serve.log").read_text(errors="replace")
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited:\n{output()}")
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 120, "das-service serve to listen")
-        key = re.search(r"API key \(owner 'local'\): (\S+)", output()).group(1)
-        worker_pid = int(re.search(r"worker pid (\d+)", output()).group(1))
-        worker_log = data / "logs" / "worker.log"
-        wait_for(lambda: b" ready." in worker_log.read_bytes(), 120, "the worker")
-        yield url, key, process, worker_pid, output
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+    with serve_embedded(data, env_extra=webhooks, max_upload_bytes=4 << 20) as s:
+        yield s.url, s.key, s.process, s.worker_pid, s.output
 
 
 def test_serve_prints_url_and_key(served):
@@ -87,6 +40,36 @@ def test_serve_prints_url_and_key(served):
     text = output()
     assert url in text and key.startswith("das_")
     assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_the_embedded_worker_delivers_webhooks(served):
+    """The worker that ``serve`` starts runs the webhook dispatcher."""
+    from tests.service.webhook_receiver import receiver, verify
+
+    url, key, _, _, _ = served
+    with receiver() as hook, httpx.Client(base_url=url, timeout=60) as http:
+        http.headers["Authorization"] = f"Bearer {key}"
+        endpoint = http.post("/v1/webhooks", json={"url": hook.url}).json()
+        lineage = http.post(
+            "/v1/lineages",
+            json={"name": "hooked", "base_model": "tiny-roberta", "hyperparameters": TINY_HP},
+        ).json()["id"]
+        r = http.post(
+            f"/v1/lineages/{lineage}/domains",
+            data={"name": "news"},
+            files={"file": ("news.txt", io.BytesIO(corpus_text("news")))},
+        )
+        job = r.json()["job"]["id"]
+        assert http.post(f"/v1/jobs/{job}/cancel").status_code == 202
+
+        def types() -> list[str]:
+            return [r.json["type"] for r in hook.of_job(job)]
+
+        wait_for(lambda: "job.cancelled" in types(), 60, "the job.cancelled event")
+        assert types()[0] == "job.queued"
+        assert all(verify(endpoint["secret"], r) for r in hook.received())
+        deliveries = http.get(f"/v1/webhooks/{endpoint['id']}/deliveries").json()["data"]
+        assert {d["status"] for d in deliveries} == {"delivered"}
 
 
 def test_walkthrough_over_http(served, tmp_path):

@@ -168,6 +168,29 @@ def test_older_rows_with_server_details_are_scrubbed_when_shown(env):
     assert events[-1]["data"]["model_dir"].startswith("$DAS_DATA_DIR/")
 
 
+def test_the_job_child_trains_at_a_lower_priority_than_the_api(env, tmp_path):
+    """``job_nice`` (10 by default): the child yields the cores to the API's status reads."""
+    import os
+
+    from tests.service.child_faults import record_niceness
+    from worker.runner import JobRunner
+
+    settings, app, client, _, recorder = env
+    assert settings.job_nice == 10
+    out = tmp_path / "nice.txt"
+    runner = JobRunner(
+        settings,
+        app.state.session_factory,
+        recorder,
+        worker_id="test-worker",
+        child_setup=functools.partial(record_niceness, str(out)),
+    )
+    owner = new_owner(app)
+    job_id = add_domain(client, owner, create_lineage(client, owner).json()["id"], "news")
+    assert runner.run(job_id) == "succeeded"
+    assert int(out.read_text()) == min(19, os.nice(0) + settings.job_nice)
+
+
 def test_a_killed_child_frees_its_job_which_then_resumes(env):
     """The job's process SIGKILLed at step 3 (as the OOM killer would): the worker survives,
     frees the lease at once and sends the job again; the next run resumes from the step-2

@@ -84,8 +84,11 @@ def test_job_read_has_etag_and_answers_304_until_it_changes(api, client, alice, 
     assert changed.json()["step"] == 3 and changed.headers["etag"] != etag
 
 
-def test_a_watched_job_answers_304_without_the_database(api, client, alice, job_id) -> None:  # noqa: ANN001
-    etag = client.get(f"/v1/jobs/{job_id}", headers=alice.headers).headers["etag"]
+def test_a_watched_job_is_read_without_the_database(api, client, alice, job_id) -> None:  # noqa: ANN001
+    """A watched job answers both a current ``If-None-Match`` (304) and a plain read (200,
+    the route's exact bytes and tag) from the watch: no SQL statement at all."""
+    first = client.get(f"/v1/jobs/{job_id}", headers=alice.headers)
+    etag = first.headers["etag"]
     conditional = {**alice.headers, "If-None-Match": etag}
     client.get(f"/v1/jobs/{job_id}", headers=conditional)  # starts the watch
     assert _wait_until(lambda: api.state.job_watcher.cached(job_id) is not None)
@@ -95,14 +98,28 @@ def test_a_watched_job_answers_304_without_the_database(api, client, alice, job_
         time.sleep(0.3)
         with StatementCounter(api.state.engine) as fast:
             r = client.get(f"/v1/jobs/{job_id}", headers=conditional)
+        with StatementCounter(api.state.engine) as plain_fast:
+            plain = client.get(f"/v1/jobs/{job_id}", headers=alice.headers)
         with StatementCounter(api.state.engine) as slow:
-            fallback = client.get(f"/v1/jobs/{job_id}", headers=alice.headers)
+            page = client.get(f"/v1/jobs/{job_id}/events?stream=false", headers=alice.headers)
     finally:
         watcher.poll_seconds = api.state.settings.stream_poll_seconds
     assert r.status_code == 304
-    assert fallback.status_code == 200
-    # the conditional read ran no statement at all; the plain read did (auth + job)
-    assert fast.count == 0 and slow.count >= 2
+    assert plain.status_code == 200 and plain.content == first.content
+    assert plain.headers["etag"] == etag and plain.headers["content-type"] == "application/json"
+    assert page.status_code == 200
+    # neither read from the watch ran a statement; the route (a parameter the fast path
+    # leaves to it) did: auth, job, events
+    assert fast.count == 0 and plain_fast.count == 0 and slow.count >= 2
+
+
+def test_a_plain_read_sees_a_change_within_a_poll_tick(api, client, alice, job_id) -> None:  # noqa: ANN001
+    client.get(f"/v1/jobs/{job_id}", headers=alice.headers)  # starts the watch
+    assert _wait_until(lambda: api.state.job_watcher.cached(job_id) is not None)
+    _set_job(api, job_id, status=JOB_RUNNING, phase="training", step=5, progress=0.5)
+    assert _wait_until(
+        lambda: client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()["step"] == 5
+    )
 
 
 def test_another_owners_tag_is_a_404_never_a_304(api, client, alice, bob, job_id) -> None:  # noqa: ANN001
@@ -133,6 +150,37 @@ def test_events_page_etag_changes_only_with_a_new_event(api, client, alice, job_
     fresh = client.get(url, headers=conditional).json()["data"]
     assert fresh[-1]["message"] == "step 0"
     assert len(fresh) == len(page.json()["data"]) + 1
+
+
+def _walk_pages(client, job_id: int, headers: dict, limit: int) -> list[bytes]:  # noqa: ANN001
+    """Every events page of ``job_id`` in turn, following ``next_after``."""
+    bodies, after = [], ""
+    while True:
+        r = client.get(f"/v1/jobs/{job_id}/events?limit={limit}&after={after}", headers=headers)
+        assert r.status_code == 200
+        bodies.append(r.content)
+        after = r.json()["next_after"]
+        if after is None:
+            return bodies
+
+
+def test_events_pages_of_a_watched_job_come_from_its_ring(api, client, alice, job_id) -> None:  # noqa: ANN001
+    """Once watched, an events page (any ``after`` the ring covers) is answered from the
+    watch: the same bytes as the route, no SQL statement."""
+    _add_events(api, job_id, 7)
+    from_route = _walk_pages(client, job_id, alice.headers, limit=3)  # starts the watch
+    assert len(from_route) >= 3
+    assert _wait_until(lambda: api.state.job_watcher.cached(job_id) is not None)
+    watcher = api.state.job_watcher
+    watcher.poll_seconds = 3600  # no background query while counting
+    try:
+        time.sleep(0.3)
+        with StatementCounter(api.state.engine) as counter:
+            from_ring = _walk_pages(client, job_id, alice.headers, limit=3)
+    finally:
+        watcher.poll_seconds = api.state.settings.stream_poll_seconds
+    assert from_ring == from_route
+    assert counter.count == 0
 
 
 def _read_stream(client, url: str, headers: dict, until_end: bool = True) -> list[tuple]:  # noqa: ANN001

@@ -4,14 +4,13 @@ ranges are the engine's), and ``Idempotency-Key`` declared where it is honoured.
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 import typing
 
 import pytest
 
-from das_engine.config import TrainingConfig
+from das_engine.config import STRATEGIES, TrainingConfig
 from das_engine.errors import ConfigError
 from tests.service.conftest import REPO
 
@@ -81,16 +80,22 @@ def test_hyperparameters_are_typed_from_the_training_config(doc):
     assert hyper["type"] == "object" and hyper["additionalProperties"] is False
     props = hyper["properties"]
     hints = typing.get_type_hints(TrainingConfig)
-    assert set(props) == {f.name for f in dataclasses.fields(TrainingConfig)}
-    for f in dataclasses.fields(TrainingConfig):
-        schema = props[f.name]
+    defaults = TrainingConfig().to_dict()
+    assert set(props) == set(TrainingConfig.field_names()) == set(defaults)
+    # each strategy's parameters keep their flat names (requests and stored lineages use them)
+    flat = {"kd_weight", "ewc_lambda", "ewc_gamma", "ewc_fisher_samples", "adapter_rank"}
+    flat |= {"replay_buffer_size", "replay_alpha", "replay_beta", "adapter_alpha"}
+    assert flat <= set(props) and "params" not in props
+    assert props["strategy"]["enum"] == list(STRATEGIES)
+    for name in TrainingConfig.field_names():
+        schema = props[name]
         kind = schema.get("type") or schema["anyOf"][0].get("type")
-        assert kind in ("integer", "number", "string", "boolean", "object"), f.name
-        assert schema["description"], f.name
-        if typing.get_origin(hints[f.name]) is typing.Literal:
-            assert schema["enum"] == list(typing.get_args(hints[f.name])), f.name
-        if f.default is not dataclasses.MISSING and f.default is not None and f.name != "strategy":
-            assert schema["default"] == f.default, f.name
+        assert kind in ("integer", "number", "string", "boolean", "object"), name
+        assert schema["description"], name
+        if name in hints and typing.get_origin(hints[name]) is typing.Literal:
+            assert schema["enum"] == list(typing.get_args(hints[name])), name
+        if defaults[name] is not None and name != "strategy":
+            assert schema["default"] == defaults[name], name
     assert props["max_steps"]["anyOf"][1] == {"type": "null"}
     assert props["block_size"]["type"] == "integer" and props["learning_rate"]["type"] == "number"
     assert props["device"]["enum"] == ["auto"]
@@ -129,7 +134,7 @@ def test_the_documented_ranges_are_the_ones_the_engine_enforces():
                 TrainingConfig.from_dict({name: value})
         checked += 1
     assert checked >= 20
-    assert len(hyperparameters_schema()["properties"]) == len(dataclasses.fields(TrainingConfig))
+    assert len(hyperparameters_schema()["properties"]) == len(TrainingConfig.field_names())
 
 
 def test_idempotency_key_is_declared_where_it_is_honoured(doc):

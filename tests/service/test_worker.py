@@ -37,6 +37,15 @@ def env(tmp_path_factory):  # noqa: ANN201
         yield env
 
 
+def _run_here(runner, job_id) -> str:  # noqa: ANN001
+    """Run the job in this process, where a test's monkeypatch lives."""
+    runner.isolate = False
+    try:
+        return runner.run(job_id)
+    finally:
+        runner.isolate = True
+
+
 def _events(app, job_id):  # noqa: ANN001, ANN202
     with app.state.session_factory() as session:
         return session.scalars(
@@ -312,10 +321,35 @@ def test_a_lineage_locked_by_a_stale_worker_is_left_to_the_sweep(env, monkeypatc
         raise LineageBusyError(f"{self.path} is being trained by another process")
 
     monkeypatch.setattr(Lineage, "add_domain", busy)
-    runner.isolate = False  # the monkeypatch lives in this process
-    try:
-        assert runner.run(job_id) == "lineage_busy"
-    finally:
-        runner.isolate = True
+    assert _run_here(runner, job_id) == "lineage_busy"
     job = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
     assert job["status"] == "running" and job["error"] is None  # its lease will expire
+
+
+def test_a_stage_the_engine_finished_but_the_database_missed_is_adopted(env, monkeypatch):
+    """A crash between the engine's commit and the database's: the next attempt finds the
+    stage done (DomainExistsError) and records the engine's result instead of failing."""
+    from das_engine.lineage import Lineage
+
+    settings, app, client, runner, _ = env
+    owner = new_owner(app)
+    lineage = create_lineage(client, owner).json()["id"]
+    job_id = add_domain(client, owner, lineage, "news")
+    real = Lineage.add_domain
+    trained = []
+
+    def trained_before(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        trained.append(real(self, *args, **kwargs))  # the earlier attempt's engine commit
+        return real(self, *args, **kwargs)  # this attempt: the stage is there already
+
+    monkeypatch.setattr(Lineage, "add_domain", trained_before)
+    assert _run_here(runner, job_id) == "succeeded"
+    body = client.get(f"/v1/lineages/{lineage}", headers=owner.headers).json()
+    assert [(s["name"], s["status"], s["steps"]) for s in body["stages"]] == [
+        ("news", "succeeded", trained[0].steps)
+    ]
+    result = [e for e in _events(app, job_id) if e.type == "result"][-1].data
+    assert result["eval_losses"] == trained[0].eval_losses
+    assert result["column"] == trained[0].column  # the whole result, read back from disk
+    r = client.get(f"/v1/lineages/{lineage}/stages/1/importance", headers=owner.headers)
+    assert r.status_code == 200
