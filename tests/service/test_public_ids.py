@@ -31,6 +31,7 @@ from tests.service.conftest import (
     new_owner,
     require_services,
     upload,
+    wait_for,
 )
 
 SHAPE = {
@@ -363,6 +364,12 @@ def test_the_upgrade_gives_existing_rows_public_ids_and_event_numbers(old_databa
         # new events go on from the backfilled numbers
         with app.state.session_factory() as session, session.begin():
             add_event(session, by_public(session, Job, first).id, "t", "after the upgrade")
+        # (the page may come from the job's watch: it sees the insert within a poll tick)
+        wait_for(
+            lambda: len(client.get(url.format(first), headers=headers).json()["data"]) == 4,
+            10,
+            "the new event",
+        )
         one = client.get(url.format(first), headers=headers).json()["data"]
         assert [e["id"] for e in one] == [1, 2, 3, 4]
         # rows made after the upgrade get ids at insert

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from app.main import create_app
 from app.migrate import upgrade
 from service_core.lifecycle import finish_job
-from service_core.models import JOB_FAILED, Job, WebhookDelivery
+from service_core.models import JOB_FAILED, Job, WebhookDelivery, WebhookEndpoint
 from service_core.webhook_dispatch import (
     Claimed,
     WebhookDispatcher,
@@ -30,10 +30,12 @@ from service_core.webhook_events import EVENT_TYPES, encode_body
 from tests.service.conftest import (
     add_domain,
     assert_problem,
+    by_public,
     create_lineage,
     in_process_runner,
     make_settings,
     new_owner,
+    row_id,
     wait_for,
 )
 from tests.service.webhook_receiver import closed_port_url, receiver, verify
@@ -397,6 +399,11 @@ def test_a_rotated_secret_signs_the_next_deliveries(env, hook):
     assert verify(rotated["secret"], request) and not verify(endpoint["secret"], request)
 
 
+def _row(app, endpoint: dict) -> int:  # noqa: ANN001
+    """The endpoint's row id (outbox rows reference it; users see ``whk_…``)."""
+    return row_id(app, WebhookEndpoint, endpoint["id"])
+
+
 def test_deleting_an_endpoint_cancels_its_pending_deliveries(env):
     _, app, client, _ = env
     owner = new_owner(app)
@@ -405,7 +412,7 @@ def test_deleting_an_endpoint_cancels_its_pending_deliveries(env):
     assert client.delete(f"/v1/webhooks/{endpoint['id']}", headers=owner.headers).status_code == 204
     with app.state.session_factory() as session:
         rows = session.scalars(
-            select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint["id"])
+            select(WebhookDelivery).where(WebhookDelivery.endpoint_id == _row(app, endpoint))
         ).all()
     # (``failed`` only if all its attempts were made before the DELETE)
     assert len(rows) == 1 and rows[0].status in ("cancelled", "failed")
@@ -418,13 +425,14 @@ def test_an_event_is_written_only_with_its_status_change(env, hook):
     owner = new_owner(app)
     endpoint = _register(client, owner, hook.url, events=["job.failed"])
     job_id = _queued_job(client, owner)
+    endpoint_row = _row(app, endpoint)
     with app.state.session_factory() as session:
         with session.begin():
-            job = session.get(Job, job_id)
+            job = by_public(session, Job, job_id)
             finish_job(session, job, JOB_FAILED, error={"code": "x", "message": "y"})
             session.flush()
             pending = session.scalars(
-                select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint["id"])
+                select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_row)
             ).all()
             assert [d.event_type for d in pending] == ["job.failed"]
             session.rollback()
@@ -436,11 +444,12 @@ def test_finished_deliveries_leave_the_log_after_the_retention_period(env):
     settings, app, client, _ = env
     owner = new_owner(app)
     endpoint = _register(client, owner, closed_port_url(), events=["job.queued"])
-    job = _queued_job(client, owner)
+    job = row_id(app, Job, _queued_job(client, owner))
     later = datetime.now(UTC) + timedelta(days=settings.webhook_retention_days + 1)
+    endpoint_row = _row(app, endpoint)
     with app.state.session_factory() as session, session.begin():
         (row,) = session.scalars(
-            select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint["id"])
+            select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_row)
         ).all()
         # pending, not due before ``later`` (attempts reset: an attempt in flight now records
         # nothing): kept
