@@ -10,7 +10,12 @@ Definitions (L[t][i]: held-out MLM loss on domain i after stage t; base[i]: the 
 - frontier_fr: NCL's learning-rate frontier (piecewise linear through the NCL sweep's mean
   points, learning -> FR) evaluated at the variant's learning; ``fr_vs_frontier`` = FR /
   frontier_fr (< 1: less forgetting than NCL at the same learning);
-- ``fr_vs_control``: FR / FR of the variant's permuted-importance control.
+- ``fr_vs_control``: FR / FR of the variant's permuted-importance control;
+- end tasks (``--end-tasks``; A[t][j]: linear-probe accuracy on domain j's labelled task
+  after stage t, row 0 the base): ``end_task_fr`` = mean over j < T-1 of A[j][j] - A[T-1][j]
+  (accuracy lost on earlier domains' tasks, lower is better), ``end_task_gain`` = mean over
+  j of A[j][j] - base[j] (what a domain's own stage added), ``end_task_final`` = mean of the
+  last row.
 
 Python -m benchmarks.continual.report <out> re-draws everything from <out>/runs/.
 """
@@ -31,6 +36,9 @@ SCALARS = (
     "learning",
     "plasticity",
     "general_change",
+    "end_task_fr",
+    "end_task_gain",
+    "end_task_final",
     "wall_s",
     "tokens_per_s",
 )
@@ -53,11 +61,34 @@ def derived(m: dict) -> dict:
             plast.append(start - L[i][i])
     gen = m.get("general") or {}
     return {
+        **end_task_scalars(m.get("end_task")),
         "learning": statistics.fmean(learn) if learn else None,
         "plasticity": statistics.fmean(plast) if plast else None,
         "general_change": gen.get("change"),
         "general_losses": gen.get("losses"),
         "general_base_loss": gen.get("base_loss"),
+    }
+
+
+def end_task_scalars(et: dict | None) -> dict:
+    """Accuracy forgetting, gain and final mean from a run's end-task matrices."""
+    if not et:
+        return {}
+    acc, tasks, doms = et["accuracy"], et["tasks"], et["rows"][1:]
+    base, stages = acc[0], acc[1:]
+    gain = [
+        stages[i][tasks.index(d)] - base[tasks.index(d)]
+        for i, d in enumerate(doms)
+        if d in tasks and _ok(stages[i][tasks.index(d)]) and _ok(base[tasks.index(d)])
+    ]
+    summ = et["summary"]["accuracy"]
+    return {
+        "end_task_fr": summ.get("forgetting_rate"),
+        "end_task_gain": statistics.fmean(gain) if gain else None,
+        "end_task_final": summ.get("final_mean"),
+        "end_task_accuracy": acc,
+        "end_task_rows": et["rows"],
+        "end_task_tasks": tasks,
     }
 
 
@@ -118,6 +149,7 @@ def aggregate(runs: list[dict]) -> dict:
                         "stages",
                         "train_tokens",
                         "train_tokens_per_s_by_domain",
+                        "end_task_accuracy",
                         *SCALARS,
                     )
                 }
@@ -126,6 +158,16 @@ def aggregate(runs: list[dict]) -> dict:
         }
         for k in SCALARS:
             entry[k] = summary([r.get(k) for r in rs])
+        if all(r.get("end_task_accuracy") for r in rs):
+            accs = [r["end_task_accuracy"] for r in rs]
+            entry["end_task"] = {
+                "rows": rs[0]["end_task_rows"],
+                "tasks": rs[0]["end_task_tasks"],
+                "accuracy": [
+                    [summary([a[t][j] for a in accs])["mean"] for j in range(len(accs[0][t]))]
+                    for t in range(len(accs[0]))
+                ],
+            }
         entry["importance"] = importance_summary(rs)
         out[name] = entry
     return out
@@ -215,8 +257,9 @@ def markdown(results: dict) -> str:
     setup, strategies = results["setup"], results["strategies"]
     lines = [
         "| variant | seeds | FR (forgetting) ↓ | max-forgetting ↓ | learning ↑ | general Δ ↓ "
-        "| FR / NCL | FR / NCL frontier | FR / permuted | FWT | wall s | train tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| FR / NCL | FR / NCL frontier | FR / permuted | FWT | end-task FR ↓ | end-task gain ↑ "
+        "| end-task final ↑ | wall s | train tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in strategies.items():
         lines.append(
@@ -225,6 +268,7 @@ def markdown(results: dict) -> str:
             f"| {_num(s.get('fr_vs_ncl'))} "
             f"| {_num(s.get('fr_vs_frontier'))}{'*' if s.get('frontier_extrapolated') else ''} "
             f"| {_num(s.get('fr_vs_control'))} | {_pm(s['fwt'])} "
+            f"| {_pm(s['end_task_fr'])} | {_pm(s['end_task_gain'])} | {_pm(s['end_task_final'])} "
             f"| {_pm(s['wall_s'], 0)} | {_pm(s['tokens_per_s'], 0)} |"
         )
     doms = " → ".join(d["name"] for d in setup["domains"])
@@ -236,7 +280,9 @@ def markdown(results: dict) -> str:
         " mean (base loss − loss right after the domain's own stage). general Δ: general-corpus"
         " loss change, last stage vs base. FR / NCL frontier: FR divided by the FR of NCL's"
         " learning-rate frontier at the same learning (* = extrapolated beyond the sweep)."
-        " mean ± std over seeds.",
+        " end-task: linear-probe accuracy on each domain's labelled task (FR: accuracy lost on"
+        " earlier domains' tasks after the last stage; gain: own stage vs base; final: mean"
+        " of the last row; – when the run had no --end-tasks). mean ± std over seeds.",
         "",
     ]
     return "\n".join(head + lines) + "\n"

@@ -164,11 +164,24 @@ def run_one(job: dict) -> dict:
     m["tokens_per_s"] = _nanmean(list(rates.values()))
     m["train_tokens_per_s_by_domain"] = rates
     m["importance"] = [s.meta.get("importance") for s in lin.stages]  # DAS: I(t), I_acc(t) stats
+    if job.get("end_tasks"):
+        m["end_task"] = end_task_scores(lin, job["end_tasks"])
     run_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(m, indent=2) + "\n")
     if not job.get("keep_lineage"):
         shutil.rmtree(lin_dir, ignore_errors=True)
     return m
+
+
+def end_task_scores(lin, tasks: dict[str, str]) -> dict:
+    """Linear probes (seed 0) of the base and every stage on each domain's labelled task:
+    accuracy and macro-F1 matrices (rows: base, after stage t) and their FR/BWT/FWT."""
+    from das_engine.end_task import end_task_matrix
+
+    started = time.perf_counter()
+    res = end_task_matrix(lin, {k: Path(v) for k, v in tasks.items()}, max_length=128)
+    keep = ("rows", "tasks", "accuracy", "macro_f1", "summary", "settings")
+    return {**{k: res[k] for k in keep}, "seconds": time.perf_counter() - started}
 
 
 def _nanmean(xs: list[float]) -> float | None:
@@ -227,6 +240,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="a common TrainingConfig field for every variant",
+    )
+    ap.add_argument(
+        "--end-tasks",
+        type=Path,
+        default=None,
+        help="folder of <domain>.jsonl labelled tasks (benchmarks/data/end_tasks.py): after"
+        " the last stage, linear-probe the base and every stage on each",
     )
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
@@ -287,12 +307,20 @@ def main(argv: list[str] | None = None) -> dict:
         if args.general
         else None
     )
+    end_tasks = {
+        d["name"]: str(args.end_tasks / f"{d['name']}.jsonl")
+        for d in domains
+        if args.end_tasks and (args.end_tasks / f"{d['name']}.jsonl").exists()
+    }
+    if args.end_tasks and not end_tasks:
+        raise SystemExit(f"--end-tasks {args.end_tasks}: no <domain>.jsonl for these domains")
     setup = {
         "command": "python -m benchmarks.continual.run "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "base": base_info.to_dict(),
         "domains": domains,
         "general": general,
+        "end_tasks": end_tasks,
         "seeds": seeds,
         "tokens_per_domain": args.tokens_per_domain,
         "steps_per_domain": common["max_steps"],
@@ -310,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
             "general": general,
             "domains": [{k: d[k] for k in ("name", "train", "eval")} for d in domains],
             "run_dir": str(out / "runs" / v.name / f"seed-{seed}"),
+            "end_tasks": end_tasks,
             "threads": args.threads,
             "keep_lineage": args.keep_lineages,
         }

@@ -91,14 +91,19 @@ def computing(out: Path, max_bytes: int):
 
 
 # -- the King James Bible through the bible-kjv program ---------------------------------
-def scripture(out: Path, max_bytes: int):
-    text = subprocess.run(
+def kjv_text() -> str:
+    """The whole Bible as the bible-kjv program prints it: "Book N" headings, numbered verses."""
+    return subprocess.run(
         ["bible", "-l0", "Gen1:1-Rev22:21"],
         capture_output=True,
         text=True,
         check=True,
         stdin=subprocess.DEVNULL,
     ).stdout
+
+
+def scripture(out: Path, max_bytes: int):
+    text = kjv_text()
 
     def docs():
         chapter: list[str] = []

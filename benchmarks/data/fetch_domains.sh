@@ -15,3 +15,4 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 python3 extract.py --out out "$@"
+python3 end_tasks.py --out out/end_tasks

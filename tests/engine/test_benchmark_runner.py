@@ -6,7 +6,7 @@ import json
 import random
 
 from benchmarks.continual import run as bench
-from benchmarks.continual.report import interpolate
+from benchmarks.continual.report import end_task_scalars, interpolate
 from benchmarks.continual.variants import CONTROLS, expand
 from das_engine.config import TrainingConfig
 
@@ -165,3 +165,79 @@ def test_tiny_two_domain_two_strategy_run(tmp_path):
         ]
     )
     assert (out / "runs" / "das" / "seed-1" / "metrics.json").stat().st_mtime_ns == before
+
+
+def _labelled(path, groups: dict[str, list[str]], per_class: int, seed: int):
+    rng = random.Random(seed)
+    rows = [
+        {"text": " ".join(rng.choice(words) for _ in range(12)), "label": label}
+        for label, words in groups.items()
+        for _ in range(per_class)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_end_task_scalars_follow_their_definitions():
+    # rows: base, after stage 1, after stage 2; columns: tasks a, b (domains a then b)
+    et = {
+        "rows": ["base", "a", "b"],
+        "tasks": ["a", "b"],
+        "accuracy": [[0.5, 0.4], [0.8, 0.45], [0.6, 0.9]],
+        "summary": {"accuracy": {"forgetting_rate": 0.2, "final_mean": 0.75}},
+    }
+    got = end_task_scalars(et)
+    # gain: own stage vs base, mean of (0.8 - 0.5) and (0.9 - 0.4)
+    assert abs(got["end_task_gain"] - 0.4) < 1e-12
+    assert got["end_task_fr"] == 0.2 and got["end_task_final"] == 0.75
+    assert end_task_scalars(None) == {}
+
+
+def test_runner_probes_every_stage_on_each_domains_task(tmp_path):
+    data, tasks = tmp_path / "data", tmp_path / "tasks"
+    data.mkdir()
+    tasks.mkdir()
+    for i, (name, words) in enumerate(VOCAB.items()):
+        _corpus(data / f"{name}.txt", words, 40, i)
+    half = {n: len(w) // 2 for n, w in VOCAB.items()}
+    for name in ("farm", "sea"):
+        words = VOCAB[name]
+        groups = {"first": words[: half[name]], "second": words[half[name] :]}
+        _labelled(tasks / f"{name}.jsonl", groups, 12, 0)
+    out = tmp_path / "bench"
+    args = "--domains farm,sea --base tiny-roberta --strategies ncl --no-controls --seeds 0"
+    args += " --tokens-per-domain 128 --train-slack 3 --eval-tokens 300 --set batch_size=4"
+    args += " --set block_size=32 --set eval_max_batches=1"
+    bench.main(
+        args.split() + ["--data-dir", str(data), "--end-tasks", str(tasks), "--out", str(out)]
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["setup"]["end_tasks"].keys() == {"farm", "sea"}
+    s = res["strategies"]["ncl"]
+    et = s["end_task"]
+    assert et["rows"] == ["base", "farm", "sea"] and et["tasks"] == ["farm", "sea"]
+    assert all(len(r) == 2 and all(0.0 <= x <= 1.0 for x in r) for r in et["accuracy"])
+    assert s["end_task_fr"]["n"] == 1 and s["end_task_final"]["n"] == 1
+    # final = mean of the last row; gain = own stage minus base, averaged over the domains
+    A = et["accuracy"]
+    assert abs(s["end_task_final"]["mean"] - (A[2][0] + A[2][1]) / 2) < 1e-9
+    assert abs(s["end_task_gain"]["mean"] - ((A[1][0] - A[0][0]) + (A[2][1] - A[0][1])) / 2) < 1e-9
+    row = next(ln for ln in (out / "results.md").read_text().splitlines() if "| ncl |" in ln)
+    assert "–" not in row.split("|")[11]  # the end-task FR column is filled
+
+
+def test_end_task_builder_balances_classes():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "data"))
+    from end_tasks import balanced
+
+    pairs = [(f"text {i}", "a") for i in range(10)] + [(f"text {i}", "b") for i in range(3)]
+    pairs += [(f"other {i}", "c") for i in range(6)] + [("text 1", "a")]  # a duplicate
+    rows = balanced(pairs, per_class=5, seed=0)
+    labels = [r["label"] for r in rows]
+    assert sorted(set(labels)) == ["a", "c"]  # b has too few and is dropped
+    assert labels.count("a") == labels.count("c") == 5
+    assert len({r["text"] for r in rows}) == len(rows)
+    assert balanced(pairs, per_class=5, seed=0) == rows  # seeded
