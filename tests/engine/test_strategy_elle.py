@@ -241,11 +241,11 @@ def test_elle_grows_the_model_between_stages_through_the_cli(engine_cache, tmp_p
     sets += ["elle_warmup_steps=3", "elle_prompt_tokens=4", "elle_replay_ratio=0.25"]
     for item in sets:
         args += ["--set", item]
-    domains = [f"farm={corpora['farm']}", f"sea={corpora['sea']}", f"código={corpora['code']}"]
+    domains = [f"farm={corpora['farm']}", f"sea={corpora['sea']}", f"code.v2={corpora['code']}"]
     assert cli.main([*args, *domains]) == 0
     lin = Lineage.open(out)
     m = lin.metrics()
-    assert m["strategy"] == "elle" and m["domains"] == ["farm", "sea", "código"]
+    assert m["strategy"] == "elle" and m["domains"] == ["farm", "sea", "code.v2"]
     assert all(x is not None for row in m["loss_matrix"] for x in row)
     sizes = []
     for stage in lin.stages:
@@ -255,7 +255,7 @@ def test_elle_grows_the_model_between_stages_through_the_cli(engine_cache, tmp_p
         assert growth["parameters"] == parameter_count(model)
     assert sizes == [(256, 2), (384, 3), (576, 4)]  # the demo base: 256 wide, 2 layers
     prompts = load_prompts(lin.stages[-1].dir)
-    assert list(prompts) == ["farm", "sea", "código"]
+    assert list(prompts) == ["farm", "sea", "code.v2"]
     assert all(p.shape == (4, model.config.hidden_size) for p in prompts.values())
     # earlier domains' prompts are carried unchanged
     assert torch.equal(load_prompts(lin.stages[0].dir)["farm"], prompts["farm"])
