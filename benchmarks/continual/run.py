@@ -165,7 +165,7 @@ def run_one(job: dict) -> dict:
     m["train_tokens_per_s_by_domain"] = rates
     m["importance"] = [s.meta.get("importance") for s in lin.stages]  # DAS: I(t), I_acc(t) stats
     if job.get("end_tasks"):
-        m["end_task"] = end_task_scores(lin, job["end_tasks"])
+        m["end_task"] = end_task_scores(lin, job["end_tasks"], job.get("end_task_max_length", 64))
     run_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(m, indent=2) + "\n")
     if not job.get("keep_lineage"):
@@ -173,13 +173,13 @@ def run_one(job: dict) -> dict:
     return m
 
 
-def end_task_scores(lin, tasks: dict[str, str]) -> dict:
+def end_task_scores(lin, tasks: dict[str, str], max_length: int = 64) -> dict:
     """Linear probes (seed 0) of the base and every stage on each domain's labelled task:
     accuracy and macro-F1 matrices (rows: base, after stage t) and their FR/BWT/FWT."""
     from das_engine.end_task import end_task_matrix
 
     started = time.perf_counter()
-    res = end_task_matrix(lin, {k: Path(v) for k, v in tasks.items()}, max_length=128)
+    res = end_task_matrix(lin, {k: Path(v) for k, v in tasks.items()}, max_length=max_length)
     keep = ("rows", "tasks", "accuracy", "macro_f1", "summary", "settings")
     return {**{k: res[k] for k in keep}, "seconds": time.perf_counter() - started}
 
@@ -247,6 +247,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="folder of <domain>.jsonl labelled tasks (benchmarks/data/end_tasks.py): after"
         " the last stage, linear-probe the base and every stage on each",
+    )
+    ap.add_argument(
+        "--end-task-max-length",
+        type=int,
+        default=64,
+        help="tokens per labelled example the probe reads (the probes' cost is linear in it)",
     )
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
@@ -339,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
             "domains": [{k: d[k] for k in ("name", "train", "eval")} for d in domains],
             "run_dir": str(out / "runs" / v.name / f"seed-{seed}"),
             "end_tasks": end_tasks,
+            "end_task_max_length": args.end_task_max_length,
             "threads": args.threads,
             "keep_lineage": args.keep_lineages,
         }

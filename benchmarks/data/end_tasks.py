@@ -151,8 +151,8 @@ def balanced(pairs: Iterable[tuple[str, str]], per_class: int, seed: int) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "end_tasks")
-    ap.add_argument("--per-class", type=int, default=80)
-    ap.add_argument("--max-chars", type=int, default=400)
+    ap.add_argument("--per-class", type=int, default=60)
+    ap.add_argument("--max-chars", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(TASKS))
     args = ap.parse_args()
