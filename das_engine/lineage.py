@@ -33,6 +33,7 @@ from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, build_single_split
 from das_engine.errors import Cancelled, DomainExistsError, LineageBusyError, LineageError
 from das_engine.evaluate import heldout_loss
+from das_engine.expansion import parameter_count
 from das_engine.jsonsafe import finite
 from das_engine.metrics import summarize
 from das_engine.names import domain_name_problem
@@ -98,6 +99,9 @@ class StageResult:
     column: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     resumed_from_step: int = 0
+    #: the checkpoint's parameter count, and what the strategy grew (ELLE, CPT) or None
+    parameters: int | None = None
+    growth: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -119,6 +123,8 @@ class StageResult:
             column=meta.get("column") or {},
             seconds=meta.get("seconds") or 0.0,
             resumed_from_step=meta.get("resumed_from_step") or 0,
+            parameters=meta.get("parameters"),
+            growth=meta.get("growth"),
         )
 
 
@@ -316,6 +322,7 @@ class Lineage:
         column = self._score_column(ctx, stage, previous, tokenizer)
         summary, model = self._train(ctx, strategy, stage, should_cancel)
         stage.state.update(strategy.end_stage(ctx, model))  # DAS: I(t), I_acc(t)
+        stage.state.update(parameters=parameter_count(model), growth=strategy.growth())
         row, general_loss = self._score_row(ctx, model, stage, previous, tokenizer)
         if distributed.is_main():  # rank 0 commits the stage (below); the others wait
             # the stage checkpoint in save_dtype (the base's own by default); fp32 masters end
@@ -473,6 +480,8 @@ class Lineage:
                 "steps": s.meta.get("steps"),
                 "trained_tokens": s.meta.get("trained_tokens"),
                 "seconds": s.meta.get("seconds"),
+                "parameters": s.meta.get("parameters"),
+                "growth": s.meta.get("growth"),
             }
             for s in self.stages
         ]

@@ -129,6 +129,11 @@ class Strategy:
         """The model to save as the stage checkpoint (e.g. adapters merged into weights)."""
         return model
 
+    def growth(self) -> dict | None:
+        """What the stage added to the model or beside it (ELLE: new units and layers, CPT:
+        plugin neurons and masks), for the stage's result; None when nothing grows."""
+        return None
+
     def end_stage(self, ctx: StageContext, model: nn.Module) -> dict:
         """After ``final_model``, before the held-out evaluation: measure what later stages
         need from the trained ``model`` (DAS: I(t), I_acc(t)) and save it under

@@ -393,6 +393,10 @@ class Cpt(Strategy):
         with atomic_path(ctx.strategy_dir() / WEIGHTS) as tmp:
             save_file(tensors, str(tmp))
         write_json(ctx.strategy_dir() / META, meta)
+        self._record = {k: v for k, v in meta.items() if k != "stages"}
+
+    def growth(self) -> dict | None:
+        return getattr(self, "_record", None)
 
     def final_model(self, model: nn.Module) -> nn.Module:
         """The backbone widened by the plugin under the exported mask (see the module doc)."""

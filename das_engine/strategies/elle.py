@@ -160,10 +160,10 @@ class Elle(ReplayMix):
         super().prepare(ctx)
         p, model = self.params, ctx.model
         position = len(ctx.previous_stage_dirs) + 1
-        self.growth: dict = {"parameters_before": parameter_count(model), "expanded": False}
+        self._growth: dict = {"parameters_before": parameter_count(model), "expanded": False}
         if position > 1 or p.elle_expand_first_stage:
             self._grow(ctx, seed=self.config.seed * 1_009 + position)
-        self.growth.update(
+        self._growth.update(
             parameters=parameter_count(model),
             intermediate_size=ctx.unit_map.intermediate_size,
             num_layers=ctx.unit_map.num_layers,
@@ -204,8 +204,8 @@ class Elle(ReplayMix):
                 kind=p.elle_warmup_loss,
             )
             if gaps:  # the gap to the pre-growth model: first and last warm-up step
-                self.growth.update(warmup_steps=len(gaps), warmup_gap=[gaps[0], gaps[-1]])
-        self.growth["expanded"] = True
+                self._growth.update(warmup_steps=len(gaps), warmup_gap=[gaps[0], gaps[-1]])
+        self._growth["expanded"] = True
 
     def _warmup_batches(self, ctx: StageContext) -> list[dict]:
         """Up to 8 batches of the replay memory (the new domain's chunks when it is empty,
@@ -279,7 +279,10 @@ class Elle(ReplayMix):
                 str(ctx.strategy_dir() / PROMPTS_FILE),
                 metadata={"domains": json.dumps(domains), "format": "elle-prompts-1"},
             )
-        write_json(ctx.strategy_dir() / GROWTH_FILE, self.growth)
+        write_json(ctx.strategy_dir() / GROWTH_FILE, self._growth)
+
+    def growth(self) -> dict | None:
+        return dict(self._growth)
 
     def final_model(self, model: nn.Module) -> nn.Module:
         if hasattr(model, PROMPT):

@@ -156,6 +156,13 @@ def test_claimed_neurons_and_the_backbone_never_change(tmp_path, domains):
     inter = json.loads((lin.base_dir / "config.json").read_text())["intermediate_size"]
     exported = json.loads((second.model_dir / "config.json").read_text())["intermediate_size"]
     assert exported == inter + meta["export_units"] == inter + max(meta["mask_neurons"][1])
+    growth = lin.stage_result(2).growth  # what the stage's result (and the service) shows
+    assert growth["mask_neurons"] == meta["mask_neurons"] and "stages" not in growth
+    assert growth["plugin_parameters"] == meta["plugin_parameters"]
+    exported_params = sum(w.numel() for w in load_model(second.model_dir).parameters())
+    assert lin.stage_result(2).parameters == exported_params
+    base_params = sum(w.numel() for w in load_model(lin.base_dir).parameters())
+    assert lin.stage_result(1).parameters > base_params  # the export adds the claimed units
     changed_free = False
     for key, w in t1.items():
         if key == "embeddings":

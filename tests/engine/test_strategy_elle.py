@@ -253,6 +253,12 @@ def test_elle_grows_the_model_between_stages_through_the_cli(engine_cache, tmp_p
         sizes.append((model.config.intermediate_size, model.config.num_hidden_layers))
         growth = json.loads((stage.dir / "strategy" / "elle.json").read_text())
         assert growth["parameters"] == parameter_count(model)
+        # the stage's result (what the service shows) carries the same growth record
+        result = lin.stage_result(stage.position)
+        assert result.parameters == parameter_count(model) and result.growth == growth
+    assert [s["parameters"] for s in m["stages"]] == [
+        s.parameters for s in map(lin.stage_result, (1, 2, 3))
+    ]
     assert sizes == [(256, 2), (384, 3), (576, 4)]  # the demo base: 256 wide, 2 layers
     prompts = load_prompts(lin.stages[-1].dir)
     assert list(prompts) == ["farm", "sea", "code.v2"]
@@ -347,7 +353,7 @@ def test_growing_the_base_before_stage_one_warms_up_on_the_new_domain(tiny_dir, 
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
     strategy = make_strategy(ctx.config)
     strategy.prepare(ctx)  # nothing to replay yet: the warm-up reads the stage's own chunks
-    growth = strategy.growth
+    growth = strategy.growth()
     assert growth["expanded"] and growth["num_layers"] == 3 and growth["warmup_steps"] == 3
     assert growth["parameters"] > growth["parameters_before"]
     first, last = growth["warmup_gap"]
