@@ -62,6 +62,8 @@ def stage_out(stage: Stage) -> StageOut:
         job_id=job.public_id,
         steps=stage.steps,
         trained_tokens=stage.trained_tokens,
+        parameters=stage.parameters,
+        growth=stage.growth,
         checkpoint_available=job.status == JOB_SUCCEEDED,
         created_at=stage.created_at,
         finished_at=stage.finished_at,

@@ -156,6 +156,17 @@ class StageOut(BaseModel):
     job_id: str = Field(description="the job training it (`job_…`)")
     steps: int | None = Field(description="training steps, once trained")
     trained_tokens: int | None = Field(description="tokens trained on, once trained")
+    parameters: int | None = Field(
+        None, description="the stage checkpoint's parameter count, once trained"
+    )
+    growth: dict[str, Any] | None = Field(
+        None,
+        description="what the strategy grew, once trained (null for strategies that do not "
+        "grow): `elle`: `parameters_before`, `parameters`, `intermediate_size`, `num_layers`, "
+        "`expanded`, `warmup_steps`, `warmup_gap` (first and last recovery-loss step); "
+        "`cpt`: `plugin_size`, `plugin_parameters`, `mask_neurons` (per domain so far, per "
+        "layer), `claimed_neurons` (per layer), `export_mask`, `export_units`",
+    )
     checkpoint_available: bool = Field(description="its checkpoint can be downloaded")
     created_at: datetime = Field(description="creation time (UTC)")
     finished_at: datetime | None = Field(description="when its job finished")
@@ -260,6 +271,13 @@ class JobEventOut(BaseModel):
     data: dict[str, Any] = Field(description="for programs (progress figures, an error)")
 
 
+class StageGrowth(BaseModel):
+    position: int = Field(description="the stage's position")
+    name: str = Field(description="its domain")
+    parameters: int | None = Field(description="the stage checkpoint's parameter count")
+    growth: dict[str, Any] | None = Field(description="the strategy's growth record, if any")
+
+
 class MetricsOut(BaseModel):
     lineage_id: str = Field(description="the lineage (`lin_…`)")
     domains: list[str] = Field(description="trained domains, in order")
@@ -278,6 +296,11 @@ class MetricsOut(BaseModel):
         None,
         description="end-task scores (labelled sets attached to domains): accuracy and "
         "macro-F1 per (after stage, task); null while none was probed",
+    )
+    growth: list[StageGrowth] = Field(
+        default_factory=list,
+        description="per trained stage, in order: the checkpoint's parameter count and what "
+        "the strategy grew (`elle`, `cpt`; null for the others), as in the lineage's stages",
     )
 
 

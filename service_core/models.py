@@ -172,6 +172,9 @@ class Stage(Base):
     engine_position: Mapped[int | None] = mapped_column(Integer, default=None)
     steps: Mapped[int | None] = mapped_column(Integer, default=None)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # the checkpoint's parameter count and what the strategy grew (ELLE, CPT), once trained
+    parameters: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    growth: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 

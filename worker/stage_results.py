@@ -33,6 +33,8 @@ def record_success(ctx: RunContext, lineage: Any, result: Any) -> None:
             stage.engine_position = result.position
             stage.steps = result.steps
             stage.trained_tokens = result.trained_tokens
+            stage.parameters = result.parameters
+            stage.growth = json_safe(result.growth) if result.growth else None
             session.add(
                 Checkpoint(
                     stage_id=stage.id,

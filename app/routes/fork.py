@@ -161,6 +161,8 @@ def _copy_rows(session: Session, plan: _Plan, child: Lineage, paths: _Paths) -> 
             engine_position=number,
             steps=old.steps,
             trained_tokens=old.trained_tokens,
+            parameters=old.parameters,
+            growth=old.growth,
             finished_at=old.finished_at,
         )
         session.add(new)

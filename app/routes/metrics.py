@@ -43,6 +43,10 @@ def build_metrics(session: Session, lineage: Lineage) -> dict[str, Any]:
     )
     summary = summarize(m.domains, m.loss_matrix, m.base_losses, m.general)
     summary["end_task"] = end_task_block(session, lineage, stages)
+    summary["growth"] = [
+        {"position": st.position, "name": st.name, "parameters": st.parameters, "growth": st.growth}
+        for st in stages
+    ]
     return json_safe(summary)
 
 
@@ -92,7 +96,9 @@ def get_metrics(
     """The lineage's evaluation matrix (loss and perplexity of the model after each stage on every
     domain) and its forgetting summary (forgetting rate, BWT, FWT); non-finite values are null.
     `end_task`: accuracy and macro-F1 of a probe on each labelled set attached to a domain,
-    after the base and every stage, with the same summary on those scores.
+    after the base and every stage, with the same summary on those scores. `growth`: per
+    stage, the checkpoint's parameter count and what the strategy grew (ELLE's wider and
+    deeper model, CPT's plugin neurons and masks per domain).
     """
     lineage = owned_lineage(session, lineage_id, principal.owner)
     return json_ok(MetricsOut(lineage_id=lineage.public_id, **build_metrics(session, lineage)))

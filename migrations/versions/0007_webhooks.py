@@ -1,7 +1,7 @@
 """Webhooks: an owner's endpoints and the outbox / log of their deliveries.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-05 12:20:00
 """
 
