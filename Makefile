@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench-step-cost bench-gpu bench-memory bench-data bench-base bench-continual clean
+.PHONY: install serve test lint bench-step-cost bench-gpu bench-memory bench-data bench-base bench-continual bench-baselines clean
 
 install: $(STAMP)
 
@@ -60,6 +60,18 @@ bench-continual: install
 	  --set learning_rate=2e-4 --set batch_size=8 --set eval_max_batches=8 \
 	  --set importance_max_batches=8 --set contrast_weight=0.0 \
 	  --jobs 2 --threads 1 --out $(BENCH_OUT)
+
+# DAS beside CPT, ELLE and the current-practice baselines, with end-task probes (~75 min, 1 seed)
+BASELINES_OUT ?= benchmarks/out/continual-baselines
+SEEDS ?= 0
+bench-baselines: install
+	$(PY) -m benchmarks.continual.run --domains scripture,postgres,computing \
+	  --base $(BENCH_BASE)/model --general $(BENCH_BASE)/general_eval.txt \
+	  --strategies das_emb_ln,das_emb_ln_permuted,cpt,elle,replay_mix,ncl_rewarm,merge,merge_ties,das_merge \
+	  --no-studies --seeds $(SEEDS) --tokens-per-domain 32768 --eval-tokens 8000 --general-tokens 8000 \
+	  --set learning_rate=2e-4 --set batch_size=8 --set eval_max_batches=8 \
+	  --set importance_max_batches=8 --set contrast_weight=0.0 \
+	  --end-tasks benchmarks/data/out/end_tasks --jobs 2 --threads 1 --out $(BASELINES_OUT)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
