@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from extract import _Text, dictd_entries, kjv_text  # noqa: E402  (a sibling script, not a package)
+from extract import _Text, dictd_entries, kjv_chapters  # noqa: E402  (a sibling script, not a package)
 
 #: books of the King James Bible in order, by the section the task asks for
 KJV_SECTIONS = {
@@ -71,22 +71,13 @@ def _clip(text: str, max_chars: int) -> str:
 def scripture_examples(max_chars: int) -> Iterable[tuple[str, str]]:
     """(two consecutive verses, section of their book), the whole Bible in order."""
     section_of = {b: s for s, books in KJV_SECTIONS.items() for b in books.split()}
-    label, verses = None, []
-    for line in kjv_text().splitlines():
-        s = line.strip()
-        if not s:
-            continue
-        m = re.match(r"^\d+\s+(.*)$", s)
-        if m:
-            verses.append(m.group(1))
-            if len(verses) == 2 and label:
-                yield _clip(" ".join(verses), max_chars), label
-                verses = []
-            continue
-        # a heading "Genesis 1", "1 Samuel 3", "Song of Solomon 2": book = all but the number
-        book = re.sub(r"\s+\d+$", "", s).replace(" ", "")
+    for heading, verses in kjv_chapters():
+        # "Genesis 1", "1 Samuel 3", "Song of Solomon 2": the book is all but the number
+        book = re.sub(r"\s+\d+$", "", heading).replace(" ", "")
         label = section_of.get(book) or section_of.get(book.split("of")[0])
-        verses = []
+        if label:
+            for k in range(0, len(verses) - 1, 2):
+                yield _clip(" ".join(verses[k : k + 2]), max_chars), label
 
 
 class _Paragraphs(_Text):

@@ -91,37 +91,35 @@ def computing(out: Path, max_bytes: int):
 
 
 # -- the King James Bible through the bible-kjv program ---------------------------------
-def kjv_text() -> str:
-    """The whole Bible as the bible-kjv program prints it: "Book N" headings, numbered verses."""
-    return subprocess.run(
+def kjv_chapters():
+    """(heading, verses) per chapter of the whole Bible, as the bible-kjv program prints it:
+    a "Book N" heading line, then numbered verse lines."""
+    text = subprocess.run(
         ["bible", "-l0", "Gen1:1-Rev22:21"],
         capture_output=True,
         text=True,
         check=True,
         stdin=subprocess.DEVNULL,
     ).stdout
+    heading, verses = None, []
+    for line in text.splitlines():
+        s = line.strip()
+        if not s:
+            continue
+        m = re.match(r"^\d+\s+(.*)$", s)
+        if m:
+            verses.append(m.group(1))
+        else:  # a heading such as "Genesis 1": a new chapter
+            if verses:
+                yield heading, verses
+            heading, verses = s, []
+    if verses:
+        yield heading, verses
 
 
 def scripture(out: Path, max_bytes: int):
-    text = kjv_text()
-
-    def docs():
-        chapter: list[str] = []
-        for line in text.splitlines():
-            s = line.strip()
-            if not s:
-                continue
-            m = re.match(r"^\d+\s+(.*)$", s)
-            if m:
-                chapter.append(m.group(1))
-            else:  # a heading such as "Genesis 1": a new chapter
-                if chapter:
-                    yield " ".join(chapter)
-                chapter = []
-        if chapter:
-            yield " ".join(chapter)
-
-    return write(docs(), out / "scripture.txt", max_bytes)
+    docs = (" ".join(verses) for _, verses in kjv_chapters())
+    return write(docs, out / "scripture.txt", max_bytes)
 
 
 # -- HTML manuals -----------------------------------------------------------------------

@@ -270,6 +270,7 @@ class Cpt(Strategy):
 
     def prepare(self, ctx: StageContext) -> None:
         super().prepare(ctx)
+        self._record: dict | None = None  # the stage's growth record, set by finish
         model, p = ctx.model, self.params
         for w in model.parameters():
             w.requires_grad_(False)
@@ -396,7 +397,7 @@ class Cpt(Strategy):
         self._record = {k: v for k, v in meta.items() if k != "stages"}
 
     def growth(self) -> dict | None:
-        return getattr(self, "_record", None)
+        return self._record
 
     def final_model(self, model: nn.Module) -> nn.Module:
         """The backbone widened by the plugin under the exported mask (see the module doc)."""
