@@ -23,7 +23,10 @@ from tests.service.conftest import (
     in_process_runner,
     new_owner,
     row_id,
+    wait_for,
 )
+
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -44,6 +47,18 @@ def _events(client, owner, job_id: int) -> list[dict]:  # noqa: ANN001
 
 def _job(client, owner, job_id: int) -> dict:  # noqa: ANN001
     return client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
+
+
+def _finished(client, owner, job_id: int) -> dict:  # noqa: ANN001
+    """The job once the API shows it finished. Reads are served from the API's job watch,
+    up to one poll tick behind writes made by another process (the worker), so a read
+    right after ``runner.run`` returns may still show the job running."""
+    return wait_for(
+        lambda: (j := _job(client, owner, job_id))["status"] in TERMINAL and j,
+        30,
+        f"the API to show job {job_id} finished",
+        interval=0.05,
+    )
 
 
 def _assert_private(settings, text: str) -> None:  # noqa: ANN001
@@ -89,7 +104,7 @@ def test_bf16_then_default_then_bf16_in_one_worker_for_two_owners(env):
     assert outcomes == ["succeeded"] * 3, [_job(client, o, j) for o, j in jobs]
     assert AcceleratorState._shared_state == before  # no job's state reached the worker
     for owner, job_id in jobs:
-        job, events = _job(client, owner, job_id), _events(client, owner, job_id)
+        job, events = _finished(client, owner, job_id), _events(client, owner, job_id)
         assert job["status"] == "succeeded" and job["error"] is None
         _assert_monotone_progress(events, job)
         result = next(e for e in events if e["type"] == "result")["data"]
@@ -217,7 +232,7 @@ def test_a_killed_child_frees_its_job_which_then_resumes(env):
     died = next(e for e in _events(client, owner, job_id) if e["type"] == "process_died")
     assert died["level"] == "warning" and "SIGKILL" in died["message"]
     assert runner.run(job_id) == "succeeded"
-    job, events = _job(client, owner, job_id), _events(client, owner, job_id)
+    job, events = _finished(client, owner, job_id), _events(client, owner, job_id)
     assert job["attempts"] == 2 and [e["type"] for e in events].count("resumed") == 1
     assert next(e for e in events if e["type"] == "result")["data"]["resumed_from_step"] == 2
     progress = [e["data"]["progress"] for e in events if "progress" in e["data"]]

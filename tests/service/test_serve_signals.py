@@ -137,7 +137,9 @@ def test_sigterm_stops_serve_and_requeues_the_running_job_which_resumes(tmp_path
     env = service_env(settings)
     env.pop("DATABASE_URL", None)
     env.pop("CELERY_BROKER_URL", None)
-    hp = {**TINY_HP, "max_steps": 40, "checkpoint_every": 4}
+    # Long enough that SIGTERM lands mid-training: 40 tiny steps end in about 2 s on an
+    # idle machine, before the signal reaches the job's process.
+    hp = {**TINY_HP, "max_steps": 400, "checkpoint_every": 10}
     first = Served(tmp_path, env, "serve-1")
     try:
         key, worker_pid = first.wait_ready()
@@ -159,7 +161,7 @@ def test_sigterm_stops_serve_and_requeues_the_running_job_which_resumes(tmp_path
             def past_a_checkpoint() -> bool:
                 job = http.get(f"/v1/jobs/{job_id}").json()
                 assert job["status"] in ("validating", "queued", "running"), job
-                return job["phase"] == "training" and (job["step"] or 0) >= 6
+                return job["phase"] == "training" and (job["step"] or 0) >= 12
 
             wait_for(past_a_checkpoint, 300, "training past a step checkpoint", interval=0.2)
             assert len(_tree(worker_pid)) >= 2  # the worker and the job's own process
@@ -177,7 +179,7 @@ def test_sigterm_stops_serve_and_requeues_the_running_job_which_resumes(tmp_path
         with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {key}"}) as http:
             events = http.get(f"/v1/jobs/{job_id}/events?limit=500").json()["data"]
             stopped = [e for e in events if e["type"] == "interrupted"]
-            assert len(stopped) == 1 and stopped[0]["data"]["step"] >= 6, events
+            assert len(stopped) == 1 and stopped[0]["data"]["step"] >= 12, events
 
             def finished() -> dict | None:
                 job = http.get(f"/v1/jobs/{job_id}").json()
@@ -189,7 +191,7 @@ def test_sigterm_stops_serve_and_requeues_the_running_job_which_resumes(tmp_path
             assert job["status"] == "succeeded" and job["attempts"] == 2, (job, types)
             assert types.count("resumed") == 1 and types.count("succeeded") == 1, types
             result = next(e for e in events if e["type"] == "result")["data"]
-            assert result["steps"] == 40 and result["resumed_from_step"] >= 4, result
+            assert result["steps"] == 400 and result["resumed_from_step"] >= 10, result
             progress = [e["data"]["progress"] for e in events if "progress" in e["data"]]
             assert progress == sorted(progress)
         _sigterm_and_check_nothing_is_left(second, worker_pid)

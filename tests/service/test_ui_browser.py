@@ -92,12 +92,9 @@ def _fits_width(page) -> bool:  # noqa: ANN001
 
 
 def _wait_progress(page, testid: str, timeout: int = TRAIN_TIMEOUT_MS) -> None:  # noqa: ANN001
-    page.wait_for_function(
-        'id => document.querySelector(`[data-testid="${id}"]`)'
-        "?.getAttribute('aria-valuenow') === '100'",
-        arg=testid,
-        timeout=timeout,
-    )
+    # A selector, not wait_for_function: the page's CSP (script-src 'self') forbids the
+    # string evaluation that Playwright's predicates need in recent Chromium builds.
+    page.wait_for_selector(f'[data-testid="{testid}"][aria-valuenow="100"]', timeout=timeout)
 
 
 def _upload_domain(page, name: str) -> None:  # noqa: ANN001
@@ -196,9 +193,7 @@ def _walk_through(page, served, shots: Path, tmp_path: Path) -> None:  # noqa: A
     page.wait_for_selector("h1:has-text('Stage 1: news')")
     _wait_progress(page, "job-progress")
     page.wait_for_selector('[data-testid="job-status"]:has-text("succeeded")')
-    page.wait_for_function(
-        "document.querySelectorAll('[data-testid=\"loss-curve\"] circle.point').length >= 2"
-    )
+    page.locator('[data-testid="loss-curve"] circle.point').nth(1).wait_for()  # >= 2 points
     assert page.locator('[data-testid="events"] tbody tr').count() >= 3
     _snap(page, shots, "job")
 
