@@ -81,6 +81,12 @@ FIELDS: dict[str, tuple[str, Range]] = {
         "Measure and soft-mask the importance of each norm-layer element.",
         (None, None, False),
     ),
+    "protection_budget": (
+        "Share of units per layer and kind the soft mask may protect (the most important "
+        "keep their importance, the others train freely); 1 protects every unit by its "
+        "importance, as the paper does.",
+        (0.0, 1.0, True),
+    ),
     "eval_fraction": ("Share of the domain's documents held out to evaluate.", (0.0, 0.5, True)),
     "eval_max_batches": ("Most batches of each evaluation.", (1, 100000, False)),
     "checkpoint_every": ("Steps between two resumable checkpoints.", (1, 10**7, False)),

@@ -74,6 +74,11 @@ class TrainingConfig:
     # Set both false for the paper's masking.
     mask_embeddings: bool = True
     mask_layernorm: bool = True
+    # The share of units, per layer and unit kind, that the soft mask may protect: the
+    # units with the highest accumulated importance keep it, the rest train freely. 1.0
+    # (default) is the paper's rule, which protects every unit by its importance; EMax
+    # drives that towards most units above 0.5 after a few domains (docs/benchmark.md).
+    protection_budget: float = 1.0
     # evaluation and bookkeeping
     eval_fraction: float = 0.05
     eval_max_batches: int = 16
@@ -163,6 +168,7 @@ class TrainingConfig:
         in_range("temperature", 0.0, 10.0, lo_open=True)
         in_range("importance_sample_ratio", 0.0, 1.0, lo_open=True)
         in_range("importance_dropout", 0.0, 0.9)
+        in_range("protection_budget", 0.0, 1.0, lo_open=True)
         in_range("eval_fraction", 0.0, 0.5, lo_open=True)
         in_range("epochs", 0.0, 1000.0, lo_open=True)
         for name, lo, hi in (

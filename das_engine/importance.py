@@ -9,6 +9,7 @@ LM loss. Snapshots are safetensors files with their unit kinds and shapes.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,24 @@ class Importance:
                 [torch.randperm(v.shape[1], generator=gen) for _ in range(v.shape[0])]
             )
             out[k] = torch.gather(v, 1, perms)
+        return Importance(out)
+
+    def budgeted(self, share: float) -> Importance:
+        """Only the ``ceil(share * n)`` most important units of each layer and kind keep
+        their importance; the others get 0 (no protection; ties at the cut are broken by
+        ``torch.topk``). ``share >= 1`` returns the importance unchanged."""
+        if share >= 1.0:
+            return self
+        out = {}
+        for k, v in self.values.items():
+            n = v.shape[1]
+            keep = max(1, math.ceil(share * n))
+            if keep >= n:
+                out[k] = v
+                continue
+            top = torch.topk(v, keep, dim=1, sorted=False).indices
+            mask = torch.zeros_like(v, dtype=torch.bool).scatter_(1, top, True)
+            out[k] = torch.where(mask, v, torch.zeros_like(v))
         return Importance(out)
 
     def stats(self) -> dict[str, dict[str, float]]:

@@ -2,8 +2,9 @@
 
 A small RoBERTa (byte-level BPE tokenizer trained on the general corpus) pre-trained with
 MLM on the general corpus until its held-out loss is far below the unigram level, so that
-"forgetting general knowledge" measures something. The general corpus is split by
-document: a held-out part (never trained on) is written beside the model as
+"forgetting general knowledge" measures something; or, with ``--architecture llama`` or
+``gpt2``, a small decoder pre-trained with next-token prediction the same way. The general
+corpus is split by document: a held-out part (never trained on) is written beside the model as
 ``general_eval.txt`` and is the lineages' general reference corpus.
 
     python -m benchmarks.continual.prepare_base --general benchmarks/data/out/general.txt
@@ -85,6 +86,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument(
+        "--architecture",
+        choices=("roberta", "gpt2", "llama"),
+        default="roberta",
+        help="the new model's family: an MLM encoder or a causal decoder (ignored with --init)",
+    )
+    ap.add_argument(
+        "--dropout",
+        type=float,
+        default=0.1,
+        help="every dropout of the new model's config (real Llama checkpoints have 0)",
+    )
+    ap.add_argument(
         "--init",
         default=None,
         help="continue pre-training this model: a directory (tokenizer included) "
@@ -127,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = train_tokenizer([train_txt], vocab_size=args.vocab, max_length=args.block_size)
         model = build_tiny_model(
             tokenizer,
+            architecture=args.architecture,
+            dropout=args.dropout,
             hidden_size=args.hidden,
             layers=args.layers,
             heads=args.heads,
@@ -134,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_positions=args.block_size,
             seed=args.seed,
         )
+    objective = build_unit_map(model).objective  # "mlm" or "clm": what the engine trains
     data = out / "tokenized"
     try:  # reuse the tokenized split of a first round (same tokenizer, same split)
         if previous is None:
@@ -146,15 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
             tokenizer,
             data / "train",
             block_size=args.block_size,
-            objective="mlm",
+            objective=objective,
             split="train",
         )
         build_single_split(
-            eval_txt, tokenizer, data / "eval", block_size=args.block_size, objective="mlm"
+            eval_txt, tokenizer, data / "eval", block_size=args.block_size, objective=objective
         )
     train, held = ChunkStore(data / "train"), ChunkStore(data / "eval")
     unit_map = build_unit_map(model)
-    batcher = Batcher(tokenizer, "mlm")
+    batcher = Batcher(tokenizer, objective)
     special = set(tokenizer.all_special_ids)
 
     def evaluate() -> float:

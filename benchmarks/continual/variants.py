@@ -53,10 +53,48 @@ def _ncl(scale: float) -> Variant:
     return Variant(name, "ncl", lr_scale=scale, note=f"NCL, learning rate x{scale:g}")
 
 
-def _das(name: str, note: str, strategy: str = "das", **overrides) -> Variant:
+def _das(
+    name: str, note: str, strategy: str = "das", lr_scale: float = 1.0, **overrides
+) -> Variant:
     """A DAS variant: update masking and the paper's normalisation unless it says otherwise."""
     return Variant(
-        name, strategy, {"mask_mode": "update", "normalization": "paper", **overrides}, note=note
+        name,
+        strategy,
+        {"mask_mode": "update", "normalization": "paper", **overrides},
+        lr_scale=lr_scale,
+        note=note,
+    )
+
+
+#: the engine default's own learning-rate sweep (x1 is ``das_emb_ln``): does DAS learn
+#: less only because its mask shrinks the updates, and does a larger rate buy the learning
+#: back at less forgetting than NCL's?
+DAS_LR_SWEEP = (2.0, 0.5)
+#: protection budgets studied (share of units per layer and kind the mask may protect)
+BUDGETS = (0.5, 0.25)
+#: the engine's default DAS (embedding rows and norms masked), which the sweeps start from
+ENGINE_UNITS = {"mask_embeddings": True, "mask_layernorm": True}
+
+
+def _das_lr(scale: float) -> Variant:
+    return _das(
+        f"das_emb_ln_lr{scale:g}",
+        f"das_emb_ln, learning rate x{scale:g}",
+        lr_scale=scale,
+        **ENGINE_UNITS,
+    )
+
+
+def _budget(share: float, permuted: bool = False) -> Variant:
+    base = f"das_emb_ln_budget{share:g}"
+    note = f"das_emb_ln protecting at most the top {share:.0%} of units per layer and kind"
+    extra = {"importance_control": "permuted"} if permuted else {}
+    return _das(
+        base + ("_permuted" if permuted else ""),
+        f"control for {base}" if permuted else note,
+        protection_budget=share,
+        **ENGINE_UNITS,
+        **extra,
     )
 
 
@@ -64,6 +102,8 @@ KNOWN: dict[str, Variant] = {
     v.name: v
     for v in (
         *(_ncl(s) for s in NCL_LR_SWEEP),
+        *(_das_lr(s) for s in DAS_LR_SWEEP),
+        *(_budget(b, permuted) for b in BUDGETS for permuted in (False, True)),
         Variant("one", "one", note="each domain trained from the base"),
         _das("das", "DAS, update masking, paper normalisation |tanh(z)|"),
         _das(
@@ -205,8 +245,14 @@ KNOWN: dict[str, Variant] = {
     )
 }
 
-#: what the issue requires next to any variant: DAS, its random-unit control, NCL's frontier
-CONTROLS = ("das_permuted", *(_ncl(s).name for s in NCL_LR_SWEEP), "das")
+#: what the issue requires next to any variant: DAS, its random-unit control, NCL's
+#: frontier and DAS's own learning-rate sweep
+CONTROLS = (
+    "das_permuted",
+    *(_ncl(s).name for s in NCL_LR_SWEEP),
+    "das",
+    *(_das_lr(s).name for s in DAS_LR_SWEEP),
+)
 #: the mask-mode and normalisation studies, added unless ``studies`` is off
 STUDIES = ("das_gradient", "das_one_sided", "das_rank")
 

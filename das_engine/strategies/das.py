@@ -45,7 +45,8 @@ class DAS(Strategy):
         self.mask = (
             SoftMask(
                 ctx.unit_map,
-                gates,
+                # the budget limits what the mask protects; o_prev still sees all of I_acc
+                gates.budgeted(ctx.config.protection_budget),
                 ctx.config.mask_mode,
                 UNIT_KINDS + ctx.config.extra_unit_kinds(),
             )

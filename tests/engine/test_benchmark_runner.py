@@ -241,3 +241,23 @@ def test_end_task_builder_balances_classes():
     assert labels.count("a") == labels.count("c") == 5
     assert len({r["text"] for r in rows}) == len(rows)
     assert balanced(pairs, per_class=5, seed=0) == rows  # seeded
+
+
+def test_das_sweeps_start_from_the_engine_default():
+    """The DAS learning-rate sweep rides with the controls; the budget variants and their
+    random-unit controls are the engine's default DAS with ``protection_budget`` set."""
+    names = [v.name for v in expand(["ncl"], studies=False)]
+    assert {"das_emb_ln_lr2", "das_emb_ln_lr0.5"} <= set(names)
+    common = {"learning_rate": 2e-4, "contrast_weight": 0.0}
+    fast = expand(["das_emb_ln_lr2"], controls=False)[0].config(common, seed=1)
+    assert fast["learning_rate"] == 4e-4 and fast["mask_embeddings"] and fast["mask_layernorm"]
+    got = {
+        v.name: v.config(common, seed=0)
+        for v in expand(["das_emb_ln_budget0.25", "das_emb_ln_budget0.25_permuted"], controls=False)
+    }
+    budget, control = got["das_emb_ln_budget0.25"], got["das_emb_ln_budget0.25_permuted"]
+    assert budget["protection_budget"] == control["protection_budget"] == 0.25
+    assert budget.get("importance_control", "none") == "none"
+    assert control["importance_control"] == "permuted"
+    for cfg in (fast, budget, control):
+        TrainingConfig.from_dict(cfg).validate()

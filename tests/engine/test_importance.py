@@ -131,6 +131,36 @@ def test_emax_is_elementwise_max_commutative_and_idempotent(seed):
         assert torch.equal(a.emax(a).values[k], a.values[k])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.01, 1.0), st.integers(1, 40))
+def test_budget_keeps_the_top_share_of_each_layer_and_zeroes_the_rest(seed, share, n):
+    g = torch.Generator().manual_seed(seed)
+    imp = Importance({k: torch.rand(3, n, generator=g) for k in UNIT_KINDS})
+    out = imp.budgeted(share)
+    keep = max(1, math.ceil(share * n))
+    for k in UNIT_KINDS:
+        v, b = imp.values[k], out.values[k]
+        assert b.shape == v.shape
+        kept = b != 0
+        assert (kept.sum(1) == min(keep, n)).all()  # rand() never gives exactly 0
+        assert torch.equal(b[kept], v[kept])  # kept units keep their own importance
+        for row in range(v.shape[0]):  # and every kept unit outranks every dropped one
+            dropped = v[row][~kept[row]]
+            if dropped.numel():
+                assert v[row][kept[row]].min() >= dropped.max()
+    assert imp.budgeted(1.0) is imp
+
+
+def test_budget_is_validated():
+    from das_engine.config import TrainingConfig
+    from das_engine.errors import ConfigError
+
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="protection_budget"):
+            TrainingConfig(protection_budget=bad).validate()
+    TrainingConfig(protection_budget=0.3).validate()
+
+
 def test_permuted_control_keeps_each_layers_values_but_moves_them():
     g = torch.Generator().manual_seed(0)
     imp = Importance({k: torch.rand(3, 50, generator=g) for k in UNIT_KINDS})

@@ -196,3 +196,28 @@ def test_server_mode_refuses_paths_as_base_models(tmp_path):
     assert resolve_base(path).architecture == "roberta"
     with pytest.raises(BaseModelError):
         resolve_base(path, allow_paths=False)
+
+
+def test_protection_budget_protects_only_the_most_important_share(tmp_path, corpora):
+    """Every head at I_acc = 1 and a budget of half the heads: in each layer exactly half
+    the heads keep their query rows through stage 2, the other half train."""
+    config = {**TINY_CONFIG, "protection_budget": 0.5}
+    lin = Lineage.create(tmp_path / "b", "tiny-roberta", config)
+    lin.add_domain(corpora[0], "legal")
+    s1 = lin.stages[0]
+    acc_path = s1.importance_dir / "accumulated.safetensors"
+    acc = Importance.load(acc_path)
+    acc.values["head"][:] = 1.0
+    acc.save(acc_path, "accumulated")
+    lin.add_domain(corpora[1], "cooking")
+    w1, w2 = _weights(s1.model_dir), _weights(lin.stages[1].model_dir)
+    heads = acc.values["head"].shape[1]
+    names = [n for n in w1 if n.endswith("attention.self.query.weight")]
+    assert names
+    for name in names:
+        rows = w1[name].shape[0] // heads
+        kept = [
+            torch.equal(w1[name][h * rows : (h + 1) * rows], w2[name][h * rows : (h + 1) * rows])
+            for h in range(heads)
+        ]
+        assert sum(kept) == heads // 2, (name, kept)

@@ -11,13 +11,18 @@ from benchmarks.continual import prepare_base
 from das_engine.bases import load_model
 
 
-def test_two_rounds_with_a_head_only_warm_up(tmp_path):
-    rng = random.Random(0)
+def _general(tmp_path, seed: int):  # noqa: ANN001, ANN202
+    rng = random.Random(seed)
     words = "the cat sat on a mat while dogs ran in the park and birds sang".split()
     general = tmp_path / "general.txt"
     general.write_text(
         "\n\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(300)) + "\n"
     )
+    return general
+
+
+def test_two_rounds_with_a_head_only_warm_up(tmp_path):
+    general = _general(tmp_path, 0)
     out = tmp_path / "base"
     common = ["--general", str(general), "--out", str(out), "--eval-batches", "1"]
     common += ["--batch-size", "4", "--block-size", "32", "--threads", "1"]
@@ -53,3 +58,22 @@ def test_two_rounds_with_a_head_only_warm_up(tmp_path):
     layer_keys = [k for k in final if ".encoder.layer." in k]
     assert layer_keys and all(final[k].equal(after[k]) for k in layer_keys)
     assert not final["lm_head.dense.weight"].equal(after["lm_head.dense.weight"])
+
+
+def test_a_decoder_base_with_dropout_zero(tmp_path):
+    """``--architecture llama --dropout 0``: a causal base (next-token loss) whose config
+    has no dropout, as real Llama checkpoints do; its held-out loss goes down."""
+    general = _general(tmp_path, 1)
+    out = tmp_path / "llama"
+    report = prepare_base.main(
+        ["--general", str(general), "--out", str(out), "--eval-batches", "1"]
+        + ["--batch-size", "4", "--block-size", "32", "--threads", "1", "--lr", "3e-3"]
+        + ["--vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2"]
+        + ["--intermediate", "64", "--max-steps", "30", "--architecture", "llama"]
+        + ["--dropout", "0"]
+    )
+    assert report["architecture"] == "llama" and report["steps"] == 30
+    assert report["final_eval_loss"] < report["initial_eval_loss"]
+    model = load_model(out / "model")
+    assert model.config.model_type == "llama" and model.config.attention_dropout == 0.0
+    assert not model.config.is_encoder_decoder and model.can_generate()
