@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench-step-cost bench-gpu bench-memory bench-data bench-base bench-continual bench-baselines clean
+.PHONY: install serve test lint bench-step-cost bench-gpu bench-memory bench-data bench-base bench-continual bench-baselines bench-base-decoder bench-decoder clean
 
 install: $(STAMP)
 
@@ -72,6 +72,28 @@ bench-baselines: install
 	  --set learning_rate=2e-4 --set batch_size=8 --set eval_max_batches=8 \
 	  --set importance_max_batches=8 --set contrast_weight=0.0 \
 	  --end-tasks benchmarks/data/out/end_tasks --jobs 2 --threads 1 --out $(BASELINES_OUT)
+
+# The same protocol on a decoder (issue 11): a 4-layer Llama with every dropout at 0,
+# pre-trained from scratch on the general corpus (~30 min on 2 cores), then 3 domains of
+# 128 steps (4x the encoder's), 3 seeds, NCL's and DAS's learning-rate sweeps, protection
+# budgets and normalisations each beside its permuted control, replay mixing and merging,
+# with end-task probes (docs/benchmark.md gives the run time).
+DECODER_BASE ?= $(HOME)/.cache/das-engine/bench-base-llama
+DECODER_OUT ?= benchmarks/out/continual-llama
+DECODER_SEEDS ?= 0,1,2
+bench-base-decoder: install
+	$(PY) -m benchmarks.continual.prepare_base --architecture llama --dropout 0 \
+	  --out $(DECODER_BASE) --max-steps 3000 --minutes 28 --lr 2e-3 --eval-batches 8
+
+bench-decoder: install
+	$(PY) -m benchmarks.continual.run --domains scripture,postgres,computing \
+	  --base $(DECODER_BASE)/model --general $(DECODER_BASE)/general_eval.txt \
+	  --strategies das_emb_ln,das_emb_ln_permuted,das_emb_ln_budget0.5,das_emb_ln_budget0.5_permuted,das_emb_ln_budget0.25,das_emb_ln_budget0.25_permuted,das_emb_ln_one_sided,das_emb_ln_one_sided_permuted,das_emb_ln_rank,das_emb_ln_rank_permuted,replay_mix,ncl_rewarm,das_merge \
+	  --no-studies --seeds $(DECODER_SEEDS) --tokens-per-domain 131072 \
+	  --eval-tokens 8000 --general-tokens 8000 \
+	  --set learning_rate=5e-4 --set batch_size=8 --set eval_max_batches=8 \
+	  --set importance_max_batches=8 --set contrast_weight=0.0 \
+	  --end-tasks benchmarks/data/out/end_tasks --jobs 2 --threads 1 --out $(DECODER_OUT)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -271,6 +271,7 @@ def markdown(results: dict) -> str:
             f"| {_pm(s['end_task_fr'])} | {_pm(s['end_task_gain'])} | {_pm(s['end_task_final'])} "
             f"| {_pm(s['wall_s'], 0)} | {_pm(s['tokens_per_s'], 0)} |"
         )
+    lines += saturation_table(strategies)
     doms = " → ".join(d["name"] for d in setup["domains"])
     head = [
         f"Domains: {doms}; {setup['tokens_per_domain']} tokens "
@@ -286,6 +287,35 @@ def markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(head + lines) + "\n"
+
+
+SATURATION_KINDS = ("head", "intermediate", "output", "embedding", "layernorm")
+
+
+def saturation_table(strategies: dict) -> list[str]:
+    """Importance saturation: per variant and stage, the share of units whose accumulated
+    importance I_acc is above 0.5, per unit kind (mean over seeds)."""
+    rows = {n: s["importance"] for n, s in strategies.items() if s.get("importance")}
+    if not rows:
+        return []
+    stages = max(len(v) for v in rows.values())
+    out = [
+        "",
+        "Importance saturation: share of units with accumulated importance I_acc > 0.5 after"
+        " each stage, per unit kind (head / FFN neuron / FFN output / embedding row / norm"
+        " element; – where the variant does not measure that kind). A protection budget b"
+        " masks only the top b of each layer, so such a variant protects at most b.",
+        "",
+        "| variant | " + " | ".join(f"after stage {t + 1}" for t in range(stages)) + " |",
+        "|---|" + "---|" * stages,
+    ]
+    for name, per_stage in rows.items():
+        cells = []
+        for stage in per_stage:
+            shares = [stage.get(k, {}).get("share_above_half") for k in SATURATION_KINDS]
+            cells.append(" / ".join(_num(x) for x in shares))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
 
 
 def plots(results: dict, out: Path) -> list[Path]:

@@ -168,6 +168,26 @@ KNOWN: dict[str, Variant] = {
             mask_layernorm=True,
         ),
         _das(
+            "das_emb_ln_rank_permuted",
+            "control for das_emb_ln_rank",
+            normalization="rank",
+            importance_control="permuted",
+            **ENGINE_UNITS,
+        ),
+        _das(
+            "das_emb_ln_one_sided",
+            "das_emb_ln with one-sided normalisation tanh(max(z, 0))",
+            normalization="one_sided",
+            **ENGINE_UNITS,
+        ),
+        _das(
+            "das_emb_ln_one_sided_permuted",
+            "control for das_emb_ln_one_sided",
+            normalization="one_sided",
+            importance_control="permuted",
+            **ENGINE_UNITS,
+        ),
+        _das(
             "das_no_contrast",
             "DAS soft-masking only (lambda = 0)",
             contrast_weight=0.0,

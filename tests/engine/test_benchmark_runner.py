@@ -261,3 +261,17 @@ def test_das_sweeps_start_from_the_engine_default():
     assert control["importance_control"] == "permuted"
     for cfg in (fast, budget, control):
         TrainingConfig.from_dict(cfg).validate()
+
+
+def test_saturation_table_lists_each_stage_and_kind():
+    from benchmarks.continual.report import saturation_table
+
+    per_stage = [
+        {"head": {"share_above_half": 0.5, "mean": 0.4}},
+        {"head": {"share_above_half": 0.875, "mean": 0.6}, "layernorm": {"share_above_half": 1}},
+    ]
+    lines = saturation_table({"das": {"importance": per_stage}, "ncl": {"importance": None}})
+    rows = [line for line in lines if line.startswith("| das ")]
+    assert rows == ["| das | 0.50 / – / – / – / – | 0.88 / – / – / – / 1.00 |"]
+    assert not any(line.startswith("| ncl ") for line in lines)  # NCL measures no importance
+    assert saturation_table({"ncl": {"importance": None}}) == []
