@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: strategies that train as DAS does (soft-masking and importance), pinned alike
-DAS_STRATEGIES = ("das", "das_merge")
+DAS_STRATEGIES = ("das", "das_merge", "das_replay")
 
 
 @dataclass(frozen=True)
@@ -256,6 +256,20 @@ KNOWN: dict[str, Variant] = {
             warmup_ratio=0.05,
         ),
         _das("das_merge", "DAS training, then task arithmetic, alpha 0.5", "das_merge"),
+        _das(
+            "das_replay",
+            "das_emb_ln on replay_mix's batches (5% earlier-domain chunks) with its LR"
+            " re-warming and re-decay",
+            "das_replay",
+            **ENGINE_UNITS,
+        ),
+        _das(
+            "das_replay_permuted",
+            "control for das_replay",
+            "das_replay",
+            importance_control="permuted",
+            **ENGINE_UNITS,
+        ),
         _das(
             "das_merge_permuted",
             "control for das_merge",

@@ -16,6 +16,10 @@ a cosine to ``min_lr_ratio * learning_rate`` (the paper's re-warming and re-deca
 ``lr_rewarm: false`` uses the config's ``lr_scheduler`` and ``warmup_ratio`` instead (which
 already restart every stage: ``das`` with ``lr_scheduler: cosine, warmup_ratio > 0`` is
 DAS with re-warming, no code of its own).
+
+``das_replay`` composes the two: DAS (importance, soft-masked updates, the optional
+contrastive term) trained on replay_mix's mixed batches with its LR re-warming, so each
+earlier domain is both protected by the mask and rehearsed by the data.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from das_engine.data import ChunkStore
 from das_engine.objective import lm_forward
 from das_engine.storage import read_json, write_json
 from das_engine.strategies.base import StageContext, Strategy
+from das_engine.strategies.das import DAS
 from das_engine.strategies.replay import stage_name
 from das_engine.strategy_params import StrategyParams, param
 
@@ -181,3 +186,16 @@ class ReplayMix(Strategy):
             rng,
         )
         write_json(ctx.strategy_dir() / FILE, self.buffer)
+
+
+class DASReplay(DAS, ReplayMix):
+    """DAS on mixed batches. By the MRO, DAS's importance, mask and optimizer come first;
+    replay_mix's buffer (``prepare``/``finish``) and LR schedule fill in what DAS leaves."""
+
+    name = "das_replay"
+    params = ReplayMixParams
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        mixed, picked = self.mix(batch)
+        loss, logs = DAS.loss(self, model, mixed)
+        return loss, {**logs, "replayed": float(len(picked))}

@@ -259,7 +259,9 @@ def test_das_sweeps_start_from_the_engine_default():
     assert budget["protection_budget"] == control["protection_budget"] == 0.25
     assert budget.get("importance_control", "none") == "none"
     assert control["importance_control"] == "permuted"
-    for cfg in (fast, budget, control):
+    mixed = expand(["das_replay"], controls=False)[0].config(common, seed=0)
+    assert mixed["strategy"] == "das_replay" and mixed["mask_embeddings"]
+    for cfg in (fast, budget, control, mixed):
         TrainingConfig.from_dict(cfg).validate()
 
 

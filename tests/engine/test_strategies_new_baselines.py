@@ -305,6 +305,7 @@ def test_merge_is_linear_in_alpha(seed, alpha, method):
         ("replay_mix", ["replay_ratio=0.25", "replay_mix_buffer_size=8"]),
         ("merge", ["merge_method=ties", "merge_density=0.5"]),
         ("das_merge", ["merge_alpha=0.8", "importance_max_batches=2"]),
+        ("das_replay", ["replay_ratio=0.5", "importance_max_batches=2"]),
     ],
 )
 def test_new_strategy_runs_two_domains_from_the_cli(
@@ -343,3 +344,43 @@ def test_das_merge_is_das_training_then_a_merge(tiny, tmp_path, corpora):
     merged = strategy.final_model(ctx.model)  # alpha 0: back to the base
     state = merged.state_dict()
     assert all(torch.equal(state[k], before[k]) for k in before)
+
+
+# -- das_replay ------------------------------------------------------------------------------
+
+
+def test_das_replay_masks_like_das_and_replays_like_replay_mix(
+    engine_cache, tmp_path, corpora, monkeypatch
+):
+    """Stage 2 of das_replay: every batch carries earlier-domain chunks (replay_mix's
+    buffer, written by stage 1) and heads at I_acc = 1 keep their weights (DAS's mask),
+    while the unprotected FFN neurons train."""
+    from das_engine.importance import Importance
+    from das_engine.strategies.replay_mix import DASReplay
+
+    cfg = {**TINY, "strategy": "das_replay", "replay_ratio": 0.5, "importance_max_batches": 2}
+    lin = Lineage.create(tmp_path / "dr", "tiny-roberta", cfg)
+    lin.add_domain(corpora["farm"], "farm")
+    s1 = lin.stages[0]
+    assert json.loads((s1.dir / "strategy" / MIX_FILE).read_text())["entries"]
+    acc_path = s1.importance_dir / "accumulated.safetensors"
+    acc = Importance.load(acc_path)
+    acc.values["head"][:] = 1.0
+    acc.values["intermediate"][:] = 0.0
+    acc.save(acc_path, "accumulated")
+    replayed: list[float] = []
+    real = DASReplay.loss
+
+    def spy(self, model, batch):  # noqa: ANN001, ANN202
+        loss, logs = real(self, model, batch)
+        replayed.append(logs["replayed"])
+        return loss, logs
+
+    monkeypatch.setattr(DASReplay, "loss", spy)
+    lin.add_domain(corpora["sea"], "sea")
+    assert replayed and all(r == 2 for r in replayed)  # 50% of 4 rows, every batch
+    w1, w2 = weights(s1.model_dir), weights(lin.stages[1].model_dir)
+    queries = [k for k in w1 if k.endswith("attention.self.query.weight")]
+    ffn = [k for k in w1 if k.endswith("intermediate.dense.weight")]
+    assert queries and all(torch.equal(w1[k], w2[k]) for k in queries)
+    assert ffn and all(not torch.equal(w1[k], w2[k]) for k in ffn)
