@@ -88,7 +88,7 @@ bench-base-decoder: install
 bench-decoder: install
 	$(PY) -m benchmarks.continual.run --domains scripture,postgres,computing \
 	  --base $(DECODER_BASE)/model --general $(DECODER_BASE)/general_eval.txt \
-	  --strategies ncl,ncl_lr0.5,ncl_lr0.25,ncl_lr0.1,das_emb_ln,das_emb_ln_permuted,das_emb_ln_lr2,das_emb_ln_lr0.5,replay_mix,das_replay,das_replay_permuted,das_emb_ln_budget0.5,das_emb_ln_budget0.5_permuted,das_emb_ln_budget0.25,das_emb_ln_budget0.25_permuted,das_merge,ncl_rewarm,das_emb_ln_one_sided,das_emb_ln_one_sided_permuted,das_emb_ln_rank,das_emb_ln_rank_permuted \
+	  --strategies ncl,ncl_lr0.5,ncl_lr0.25,ncl_lr0.1,das_emb_ln,das_emb_ln_permuted,das_emb_ln_lr2,das_emb_ln_lr0.5,replay_mix,das_replay,das_replay_permuted,das_replay_lr2,das_emb_ln_budget0.5,das_emb_ln_budget0.5_permuted,das_emb_ln_budget0.25,das_emb_ln_budget0.25_permuted,das_merge,ncl_rewarm,das_emb_ln_one_sided,das_emb_ln_one_sided_permuted,das_emb_ln_rank,das_emb_ln_rank_permuted \
 	  --no-studies --seeds $(DECODER_SEEDS) --tokens-per-domain 131072 \
 	  --eval-tokens 8000 --general-tokens 8000 \
 	  --set learning_rate=5e-4 --set batch_size=8 --set eval_max_batches=8 \

@@ -264,6 +264,13 @@ KNOWN: dict[str, Variant] = {
             **ENGINE_UNITS,
         ),
         _das(
+            "das_replay_lr2",
+            "das_replay, learning rate x2 (the mask and the re-decay learn less than NCL)",
+            "das_replay",
+            lr_scale=2.0,
+            **ENGINE_UNITS,
+        ),
+        _das(
             "das_replay_permuted",
             "control for das_replay",
             "das_replay",
