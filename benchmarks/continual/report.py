@@ -295,7 +295,7 @@ SATURATION_KINDS = ("head", "intermediate", "output", "embedding", "layernorm")
 def saturation_table(strategies: dict) -> list[str]:
     """Importance saturation: per variant and stage, the share of units whose accumulated
     importance I_acc is above 0.5, per unit kind (mean over seeds)."""
-    rows = {n: s["importance"] for n, s in strategies.items() if s.get("importance")}
+    rows = {n: s["importance"] for n, s in strategies.items() if any(s.get("importance") or [])}
     if not rows:
         return []
     stages = max(len(v) for v in rows.values())

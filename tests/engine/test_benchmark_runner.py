@@ -272,7 +272,7 @@ def test_saturation_table_lists_each_stage_and_kind():
         {"head": {"share_above_half": 0.5, "mean": 0.4}},
         {"head": {"share_above_half": 0.875, "mean": 0.6}, "layernorm": {"share_above_half": 1}},
     ]
-    lines = saturation_table({"das": {"importance": per_stage}, "ncl": {"importance": None}})
+    lines = saturation_table({"das": {"importance": per_stage}, "ncl": {"importance": [{}, {}]}})
     rows = [line for line in lines if line.startswith("| das ")]
     assert rows == ["| das | 0.50 / – / – / – / – | 0.88 / – / – / – / 1.00 |"]
     assert not any(line.startswith("| ncl ") for line in lines)  # NCL measures no importance
