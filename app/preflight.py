@@ -20,23 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from app.problems import Problem
+from das_engine.families import max_positions  # the engine's rule (a torch-free module)
 from service_core.settings import Settings
 
 SAMPLE_CHARS = 64_000
-# position ids of these families start after the padding index (RoBERTa's convention)
-_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert"}
 _tokenizers: dict[str, tuple[Any, threading.Lock]] = {}
 _tokenizers_lock = threading.Lock()
-
-
-def max_positions(config: Any) -> int | None:
-    """The longest sequence a model of ``config`` can embed, or None when it has no limit."""
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not isinstance(n, int):
-        return None
-    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
-        n -= int(getattr(config, "pad_token_id", None) or 0) + 1
-    return n
 
 
 def base_config(path: str, *, allow_hub: bool) -> Any:

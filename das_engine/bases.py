@@ -19,7 +19,7 @@ from pathlib import Path
 
 from das_engine import quiet_libraries
 from das_engine.errors import BaseModelError, UnsupportedArchitectureError
-from das_engine.units import FAMILIES, supported_model_types
+from das_engine.families import FAMILIES, supported_model_types
 
 BUILTIN_TINY = "tiny-roberta"
 MINILM = "all-minilm-l6-v2"
@@ -48,7 +48,9 @@ def cache_dir() -> Path:
 
 
 #: the model families whose bases get a decoder tokenizer (BOS only, no <s>...</s> pair)
-DECODER_ARCHITECTURES = ("gpt2", "llama")
+DECODER_ARCHITECTURES = tuple(t for t, f in FAMILIES.items() if f.objective == "clm")
+#: what ``build_tiny_model`` (and ``das-engine init-base --arch``) builds: every family
+TINY_ARCHITECTURES = tuple(supported_model_types())
 
 
 def train_tokenizer(
@@ -123,67 +125,55 @@ def build_tiny_model(
     seed: int = 0,
     dropout: float = 0.1,
 ):
-    """A small model from a config (no download); every dropout of the family's config
-    set to ``dropout`` (the usual 0.1; real Llama checkpoints have 0)."""
+    """A small model of any supported family from a config (no download); every dropout
+    of the family's config set to ``dropout`` (the usual 0.1; real decoder checkpoints
+    have 0). Decoders of the Llama layout get half as many K/V heads as query heads."""
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        GPT2Config,
-        LlamaConfig,
-        RobertaConfig,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    family = FAMILIES.get(architecture)
+    if family is None:
+        raise UnsupportedArchitectureError(
+            f"init-base builds {', '.join(TINY_ARCHITECTURES)}, not {architecture!r}"
+        )
     torch.manual_seed(seed)
-    vocab = len(tokenizer)
     common = {
-        "vocab_size": vocab,
+        "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    if architecture == "roberta":
-        config = RobertaConfig(
-            hidden_size=hidden_size,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_positions + 2,
-            type_vocab_size=1,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
-            **common,
-        )
-        return AutoModelForMaskedLM.from_config(config)
     if architecture == "gpt2":
-        config = GPT2Config(
-            n_embd=hidden_size,
-            n_layer=layers,
-            n_head=heads,
-            n_inner=intermediate_size,
-            n_positions=max_positions,
-            resid_pdrop=dropout,
-            embd_pdrop=dropout,
-            attn_pdrop=dropout,
-            summary_first_dropout=dropout,
-            **common,
-        )
-        return AutoModelForCausalLM.from_config(config)
-    if architecture == "llama":
-        config = LlamaConfig(
-            hidden_size=hidden_size,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_positions,
-            attention_dropout=dropout,
-            **common,
-        )
-        return AutoModelForCausalLM.from_config(config)
-    raise UnsupportedArchitectureError(
-        f"init-base builds roberta, gpt2 or llama, not {architecture!r}"
-    )
+        keys = {
+            "n_embd": hidden_size,
+            "n_layer": layers,
+            "n_head": heads,
+            "n_inner": intermediate_size,
+            "n_positions": max_positions,
+            "resid_pdrop": dropout,
+            "embd_pdrop": dropout,
+            "attn_pdrop": dropout,
+            "summary_first_dropout": dropout,
+        }
+    else:
+        keys = {
+            "hidden_size": hidden_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "intermediate_size": intermediate_size,
+            # a family whose positions start after the padding index needs 2 more
+            "max_position_embeddings": max_positions + (2 if family.padded_positions else 0),
+        }
+        if family.llama_config_keys:
+            keys.update(num_key_value_heads=max(1, heads // 2), head_dim=hidden_size // heads)
+        else:
+            keys.update(type_vocab_size=1)
+    config = AutoConfig.for_model(architecture, **keys, **common)
+    for key, value in config.to_dict().items():  # every dropout rate the config has
+        if "dropout" in key and isinstance(value, float) and not isinstance(value, bool):
+            setattr(config, key, dropout)
+    auto = AutoModelForMaskedLM if family.objective == "mlm" else AutoModelForCausalLM
+    return auto.from_config(config)
 
 
 def save_base(model, tokenizer, out: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from das_engine import distributed
 from das_engine.errors import CorpusError, DasError, LineageError
+from das_engine.families import supported_model_types
 from das_engine.names import domain_name_problem
 from das_engine.strategy_registry import strategy_names
 
@@ -468,7 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--out", required=True)
     ib.add_argument("--from-corpus", nargs="+", required=True, help="text to train the tokenizer")
     ib.add_argument(
-        "--arch", "--family", dest="arch", default="roberta", choices=["roberta", "gpt2", "llama"]
+        "--arch",
+        "--family",
+        dest="arch",
+        default="roberta",
+        choices=supported_model_types(),
+        help="the model type of the new base (any supported family)",
     )
     ib.add_argument("--vocab-size", type=int, default=4000)
     ib.add_argument("--hidden-size", type=int, default=64)

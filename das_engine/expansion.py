@@ -163,7 +163,7 @@ def logits(model: nn.Module, batch: dict) -> torch.Tensor:
     unit_map = build_unit_map(model)
     out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     keep = batch["attention_mask"].bool()
-    return unit_map.head_module(model)(out.last_hidden_state[keep])
+    return unit_map.logits(model, out.last_hidden_state[keep])
 
 
 def output_gap(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:

@@ -163,7 +163,8 @@ def raw_gate_gradients(
 
     ``extra_kinds`` units (embedding rows, norm elements) have no module output to hook:
     a gate g_u scaling every parameter entry the unit owns has, at g = 1,
-    dL/dg_u = sum over those entries of w * dL/dw, so their gates come from the weights'
+    dL/dg_u = sum over those entries of w * dL/dw ((1 + w) * dL/dw for a norm that scales
+    by 1 + w, Gemma's), so their gates come from the weights'
     own gradients (signed sum per batch, then |.|, like the hooked gates).
     """
     device = next(model.parameters()).device
@@ -196,7 +197,7 @@ def raw_gate_gradients(
                     g = grads[len(UNIT_KINDS) + index[id(sl.param)]]
                     if g is None:
                         continue
-                    prod = (sl.param.detach() * g.detach()).float()
+                    prod = ((sl.param.detach() + sl.offset) * g.detach()).float()
                     others = tuple(d for d in range(prod.dim()) if d != sl.axis)
                     per_unit = prod.sum(dim=others) if others else prod  # sum(dim=()) = all
                     signed[sl.kind][sl.layer].index_add_(0, sl.unit_index.to(device), per_unit)

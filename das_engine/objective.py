@@ -76,7 +76,7 @@ def lm_loss(
     n = int(keep.sum())
     if n == 0:
         return LMOutput(hidden.sum() * 0.0, hidden, 0)
-    logits = unit_map.head_module(model)(states[keep])
+    logits = unit_map.logits(model, states[keep])
     loss = F.cross_entropy(logits.float(), targets[keep])
     return LMOutput(loss, hidden, n)
 

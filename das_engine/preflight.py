@@ -15,30 +15,17 @@ import torch
 
 from das_engine.config import TrainingConfig
 from das_engine.errors import IncompatibleConfigError
-
-# position ids of these families start after the padding index (RoBERTa's offset)
-_PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")
+from das_engine.families import FAMILIES, max_positions
 
 
 def max_block_size(model_config) -> int | None:
     """The longest chunk the model can embed, from its config (None: no limit known)."""
-    if getattr(model_config, "model_type", None) == "gpt2" or hasattr(model_config, "n_positions"):
-        limit = getattr(model_config, "n_positions", None)
-    else:
-        limit = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    if getattr(model_config, "model_type", None) in _PADDING_OFFSET_TYPES:
-        pad = getattr(model_config, "pad_token_id", None)
-        limit -= (pad if isinstance(pad, int) else 1) + 1
-    return limit
+    return max_positions(model_config)
 
 
 def _supports_gradient_checkpointing(model_config) -> bool | None:
     """Whether the task model class of this config has HF gradient checkpointing."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-    from das_engine.units import FAMILIES
 
     family = FAMILIES.get(getattr(model_config, "model_type", None))
     if family is None:

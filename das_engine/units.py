@@ -1,7 +1,8 @@
 """Unit maps: which module of an architecture writes each unit (attention head, FFN
 intermediate neuron, FFN output neuron), and the forward-hook gates that scale them.
 
-Adding a model family means adding one ``Family`` entry; nothing copies model code.
+Which modules those are is data: one ``Family`` per model type (``families.py``);
+nothing copies model code.
 """
 
 from __future__ import annotations
@@ -14,78 +15,12 @@ import torch
 from torch import nn
 
 from das_engine.errors import UnsupportedArchitectureError
+from das_engine.families import FAMILIES, Family, logits_transform, supported_model_types
 
 UNIT_KINDS = ("head", "intermediate", "output")
 #: optional unit kinds the paper never masks: one unit per vocabulary row of the word
 #: embeddings (and of a separate output projection), one per element of each norm layer
 EXTRA_KINDS = ("embedding", "layernorm")
-
-
-@dataclass(frozen=True)
-class Family:
-    """Module paths (relative to one transformer layer) of a model family."""
-
-    layers: str  # path of the layer list, relative to the base model
-    objective: str  # "mlm" or "clm"
-    head: str  # attribute of the task model holding the LM head
-    attn_out: str  # projection whose *input* is the concatenated head contexts
-    ffn_in: tuple[str, ...]  # projection(s) whose outputs are the intermediate neurons
-    ffn_out: str  # projection from intermediate neurons to the hidden size
-    q: str | None = None
-    k: str | None = None
-    v: str | None = None
-    fused_qkv: str | None = None  # GPT-2 style c_attn holding q|k|v
-    conv1d: bool = False  # GPT-2 Conv1D stores weights as [in, out]
-
-
-_BERT = Family(
-    layers="encoder.layer",
-    objective="mlm",
-    head="cls",
-    q="attention.self.query",
-    k="attention.self.key",
-    v="attention.self.value",
-    attn_out="attention.output.dense",
-    ffn_in=("intermediate.dense",),
-    ffn_out="output.dense",
-)
-_ROBERTA = Family(**{**_BERT.__dict__, "head": "lm_head"})
-_GPT2 = Family(
-    layers="h",
-    objective="clm",
-    head="lm_head",
-    fused_qkv="attn.c_attn",
-    attn_out="attn.c_proj",
-    ffn_in=("mlp.c_fc",),
-    ffn_out="mlp.c_proj",
-    conv1d=True,
-)
-_LLAMA = Family(
-    layers="layers",
-    objective="clm",
-    head="lm_head",
-    q="self_attn.q_proj",
-    k="self_attn.k_proj",
-    v="self_attn.v_proj",
-    attn_out="self_attn.o_proj",
-    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
-    ffn_out="mlp.down_proj",
-)
-
-FAMILIES: dict[str, Family] = {
-    "bert": _BERT,
-    "roberta": _ROBERTA,
-    "xlm-roberta": _ROBERTA,
-    "camembert": _ROBERTA,
-    "gpt2": _GPT2,
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-}
-
-
-def supported_model_types() -> list[str]:
-    return sorted(FAMILIES)
 
 
 @dataclass
@@ -103,6 +38,8 @@ class ParamSlice:
     axis: int
     unit_index: torch.Tensor
     group: int = 1
+    #: the parameter acts as (offset + value): Gemma's norm weights (1 + weight)
+    offset: float = 0.0
 
 
 @dataclass
@@ -149,6 +86,17 @@ class UnitMap:
 
     def head_module(self, model: nn.Module) -> nn.Module:
         return getattr(model, self.family.head)
+
+    def logits(self, model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """The task model's logits for hidden ``states``: its LM head, then what the
+        family's task model does after it (Granite's division, Gemma 2's soft-cap)."""
+        out = self.head_module(model)(states)
+        divisor, cap = logits_transform(self.family, model.config)
+        if divisor is not None:
+            out = out / divisor
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
 
 
 def _out_features(module: nn.Module, conv1d: bool) -> int:
@@ -221,7 +169,7 @@ def build_unit_map(model: nn.Module) -> UnitMap:
         hidden_size=hidden,
         layers=layers,
         slices=slices,
-        extra_slices=_extra_slices(model, hidden, name_of),
+        extra_slices=_extra_slices(model, hidden, name_of, family.norm_weight_offset),
     )
 
 
@@ -235,22 +183,24 @@ def _is_norm(module: nn.Module, hidden: int) -> bool:
     )
 
 
-def _extra_slices(model: nn.Module, hidden: int, name_of: dict[int, str]) -> list[ParamSlice]:
+def _extra_slices(
+    model: nn.Module, hidden: int, name_of: dict[int, str], norm_offset: float = 0.0
+) -> list[ParamSlice]:
     """Embedding rows (input, and output projection when untied) and norm-layer elements.
 
     A unit owns its row/element in every parameter listed here, so one virtual gate on the
-    unit's output has gradient sum_p sum_row(p * dL/dp) over those parameters.
+    unit's output has gradient sum_p sum_row((offset + p) * dL/dp) over those parameters
+    (offset 0, except the norm weights of a family that scales by 1 + weight).
     """
     out: list[ParamSlice] = []
     seen: set[int] = set()
 
-    def add(param, kind: str, layer: int) -> None:
+    def add(param, kind: str, layer: int, offset: float = 0.0) -> None:
         if param is None or id(param) in seen or id(param) not in name_of:
             return
         seen.add(id(param))
-        out.append(
-            ParamSlice(name_of[id(param)], param, kind, layer, 0, torch.arange(param.shape[0]))
-        )
+        index = torch.arange(param.shape[0])
+        out.append(ParamSlice(name_of[id(param)], param, kind, layer, 0, index, offset=offset))
 
     emb = model.get_input_embeddings()
     add(emb.weight, "embedding", 0)
@@ -262,7 +212,7 @@ def _extra_slices(model: nn.Module, hidden: int, name_of: dict[int, str]) -> lis
             add(bias, "embedding", 0)
     norms = [m for m in model.modules() if _is_norm(m, hidden)]
     for j, norm in enumerate(norms):
-        add(norm.weight, "layernorm", j)
+        add(norm.weight, "layernorm", j, norm_offset)
         add(getattr(norm, "bias", None), "layernorm", j)
     return out
 

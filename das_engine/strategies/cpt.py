@@ -112,10 +112,12 @@ def binary_mask(embedding: torch.Tensor) -> torch.Tensor:
     return (embedding > 0).to(embedding.dtype)
 
 
-def _activation(config) -> nn.Module:
+def _activation(unit_map: UnitMap, config) -> nn.Module:
+    """The FFN's own activation (its config key is the family's: Gemma 2 names it
+    ``hidden_activation``, GPT-2 ``activation_function``)."""
     from transformers.activations import ACT2FN
 
-    return ACT2FN[getattr(config, "hidden_act", None) or config.activation_function]
+    return ACT2FN[getattr(config, unit_map.family.activation)]
 
 
 def _features(module: nn.Module, conv1d: bool) -> tuple[int, int]:
@@ -257,7 +259,7 @@ def domain_model(model: nn.Module, stage_dir: Path, domain: int | None = None) -
     tensors = dict(saved[0])
     masks = binary_mask(tensors.pop("embeddings"))
     unit_map = build_unit_map(model)
-    plugin = Plugin(unit_map, masks.shape[2], _activation(model.config)).to(model.device)
+    plugin = Plugin(unit_map, masks.shape[2], _activation(unit_map, model.config)).to(model.device)
     plugin.layers.load_state_dict(tensors)
     widen(model, unit_map, plugin, masks[domain] if domain is not None else masks.amax(0))
     return model
@@ -275,7 +277,7 @@ class Cpt(Strategy):
         for w in model.parameters():
             w.requires_grad_(False)
         torch.manual_seed(self.config.seed + 1009 * (len(ctx.previous_stage_dirs) + 1))
-        plugin = Plugin(ctx.unit_map, p.cpt_plugin_size, _activation(model.config))
+        plugin = Plugin(ctx.unit_map, p.cpt_plugin_size, _activation(ctx.unit_map, model.config))
         self.earlier = torch.zeros(0, ctx.unit_map.num_layers, p.cpt_plugin_size)
         self.meta: dict = {"stages": []}
         saved = load_state(ctx.previous_stage_dirs[-1]) if ctx.previous_stage_dirs else None

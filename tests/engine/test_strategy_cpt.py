@@ -48,6 +48,8 @@ AUTO = {
     "roberta": AutoModelForMaskedLM,
     "gpt2": AutoModelForCausalLM,
     "llama": AutoModelForCausalLM,
+    "qwen3": AutoModelForCausalLM,
+    "gemma2": AutoModelForCausalLM,  # its own activation key (hidden_activation)
 }
 
 
@@ -63,7 +65,7 @@ def intermediate(config) -> int:
     )
 
 
-@pytest.mark.parametrize("arch", ["roberta", "gpt2", "llama"])
+@pytest.mark.parametrize("arch", list(AUTO))
 def test_widened_export_is_the_plugin_model_under_the_mask(tokenizer, batch, tmp_path, arch):
     model, base = tiny(tokenizer, arch, seed=1).eval(), tiny(tokenizer, arch, seed=1).eval()
     config = TrainingConfig.from_dict(CPT)

@@ -24,6 +24,7 @@ from das_engine.expansion import (
     split_plan,
     widen_ffn,
 )
+from das_engine.families import FAMILIES
 from das_engine.lineage import Lineage
 from das_engine.strategies import make_strategy
 from das_engine.strategies.elle import PROMPT, load_prompts, prompted_inputs
@@ -32,7 +33,8 @@ from das_engine.units import build_unit_map
 from . import test_strategies_baselines as baselines
 
 tiny_dir, corpora, engine_cache = baselines.tiny, baselines.corpora, baselines.engine_cache
-ARCHS = ("bert", "roberta", "gpt2", "llama")
+#: one of each layout, and the newer decoders (q/k norms, sandwich norms, 1 + weight norms)
+ARCHS = ("bert", "roberta", "gpt2", "llama", "qwen3", "olmo2", "gemma2")
 HIDDEN, WIDTH, LAYERS = 32, 64, 2
 _MODELS: dict[str, torch.nn.Module] = {}
 
@@ -99,7 +101,7 @@ def test_ffn_widening_keeps_the_function(arch, growth, noise, seed):
     assert unit_map.intermediate_size == new
     assert (wide.config.intermediate_size if arch != "gpt2" else wide.config.n_inner) == new
     # per layer and new unit: its input rows (+ bias) in each input projection, its column
-    per_unit = {"llama": 3 * HIDDEN, "gpt2": 2 * HIDDEN + 1}.get(arch, 2 * HIDDEN + 1)
+    per_unit = 3 * HIDDEN if FAMILIES[arch].llama_config_keys else 2 * HIDDEN + 1
     assert parameter_count(wide) - before == LAYERS * (new - WIDTH) * per_unit
     batch = a_batch(seed)
     assert gap(wide, model, batch) < 1e-5
@@ -130,7 +132,7 @@ def test_split_noise_breaks_the_copies_symmetry_but_not_the_function():
 # -- depth ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "olmo2", "gemma2"])
 @pytest.mark.parametrize("new_layers", [1, 2, 3])
 def test_depth_growth_is_exact_for_pre_ln_decoders(arch, new_layers):
     model = model_of(arch)
