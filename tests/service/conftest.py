@@ -433,23 +433,26 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):  # no
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
-def load_checkpoint_in_subprocess(model_dir: Path) -> dict:
-    """Load a downloaded checkpoint with plain transformers, in a process that never imports
-    das_engine; returns what it printed (JSON)."""
+def load_checkpoint_in_subprocess(model_dir: Path, *, causal: bool = False) -> dict:
+    """Load a downloaded checkpoint with plain transformers (an MLM, or with ``causal`` a
+    causal LM), in a process that never imports das_engine; returns what it printed (JSON):
+    whether the logits are finite, their shape, the model type and the weights' dtype."""
     import json
 
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForMaskedLM"
     code = (
         "import json, sys, torch\n"
-        "from transformers import AutoModelForMaskedLM, AutoTokenizer\n"
+        f"from transformers import {auto} as Auto, AutoTokenizer\n"
         "path = sys.argv[1]\n"
         "tok = AutoTokenizer.from_pretrained(path)\n"
-        "model = AutoModelForMaskedLM.from_pretrained(path)\n"
+        "model = Auto.from_pretrained(path)\n"
         "batch = tok(['the court held that the contract was void'], return_tensors='pt')\n"
         "with torch.no_grad():\n"
         "    logits = model(**batch).logits\n"
         "assert 'das_engine' not in sys.modules\n"
         "print(json.dumps({'finite': bool(torch.isfinite(logits).all()),\n"
-        "                  'shape': list(logits.shape), 'type': model.config.model_type}))\n"
+        "                  'shape': list(logits.shape), 'type': model.config.model_type,\n"
+        "                  'dtype': str(next(model.parameters()).dtype)}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(
