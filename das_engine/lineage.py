@@ -35,6 +35,7 @@ from das_engine.errors import Cancelled, DomainExistsError, LineageBusyError, Li
 from das_engine.evaluate import heldout_loss
 from das_engine.expansion import parameter_count
 from das_engine.jsonsafe import finite
+from das_engine.layout import PARTIAL_SUFFIX, STAGE_FILE, STAGES_DIR
 from das_engine.metrics import summarize
 from das_engine.names import domain_name_problem
 from das_engine.objective import Batcher
@@ -207,13 +208,13 @@ class Lineage:
     @property
     def stages(self) -> list[StageInfo]:
         out = []
-        root = self.path / "stages"
+        root = self.path / STAGES_DIR
         if not root.exists():
             return out
         for d in sorted(root.iterdir()):
-            if d.name.endswith(".partial") or d.name.startswith(".") or not d.is_dir():
+            if d.name.endswith(PARTIAL_SUFFIX) or d.name.startswith(".") or not d.is_dir():
                 continue
-            meta_file = d / "stage.json"
+            meta_file = d / STAGE_FILE
             if not meta_file.exists():
                 continue
             meta = read_json(meta_file)
@@ -347,7 +348,7 @@ class Lineage:
         """The partial stage directory with the corpus tokenized (rank 0 first, the others
         then find it there), and the lineage's tokenizer."""
         distributed.wait_for_main()
-        stage = PartialStage.open(self.path / "stages", position, name, corpus)
+        stage = PartialStage.open(self.path / STAGES_DIR, position, name, corpus)
         tokenizer = load_tokenizer(self.base_dir)
         objective = self.meta["objective"]
         stage.tokenize(corpus, eval_corpus, tokenizer, self.config, objective, progress)
@@ -501,7 +502,7 @@ class Lineage:
             if (self.path / extra).exists():
                 shutil.copytree(self.path / extra, out / extra)
         for s in stages[:upto]:
-            shutil.copytree(s.dir, out / "stages" / s.dir.name)
+            shutil.copytree(s.dir, out / STAGES_DIR / s.dir.name)
         meta = dict(self.meta, forked_from={"path": str(self.path), "stage": upto})
         write_json(out / "lineage.json", meta)
         return Lineage.open(out)

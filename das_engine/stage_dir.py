@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING
 from das_engine import distributed
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, build_datasets, build_single_split
+from das_engine.layout import CHECKPOINTS_DIR, PARTIAL_SUFFIX, STAGE_FILE
 from das_engine.progress import ProgressEvent, ProgressFn
 from das_engine.storage import atomic_dir, read_json, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-STAGE_FILE = "stage.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -60,9 +59,9 @@ class PartialStage:
     def open(cls, stages_root: Path, position: int, name: str, corpus: Path) -> PartialStage:
         stages_root.mkdir(exist_ok=True)
         final_dir = stages_root / f"{position:03d}-{slug(name)}"
-        partial = final_dir.with_name(final_dir.name + ".partial")
+        partial = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
         sha = sha256_file(corpus)
-        for other in stages_root.glob(f"{position:03d}-*.partial"):
+        for other in stages_root.glob(f"{position:03d}-*{PARTIAL_SUFFIX}"):
             if other != partial:  # an abandoned attempt at another domain
                 shutil.rmtree(other)
         state_file = partial / STAGE_FILE
@@ -94,7 +93,7 @@ class PartialStage:
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.dir / "checkpoints"
+        return self.dir / CHECKPOINTS_DIR
 
     @property
     def model_dir(self) -> Path:

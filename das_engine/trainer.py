@@ -31,6 +31,7 @@ from das_engine import distributed
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore
 from das_engine.errors import Cancelled, IncompatibleConfigError
+from das_engine.layout import TRAINER_FILE, step_checkpoints, step_dir_name
 from das_engine.objective import Batcher
 from das_engine.optimizer_state import load_training_state, save_training_state
 from das_engine.precision import Precision, resolve_mode
@@ -230,23 +231,17 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def _checkpoints(self) -> list[tuple[int, Path]]:
-        if not self.checkpoint_dir.exists():
-            return []
-        found = []
-        for d in self.checkpoint_dir.glob("step-*"):
-            if (d / "trainer.json").exists():
-                found.append((int(d.name.split("-")[1]), d))
-        return sorted(found)
+        return [(c.step, c.path) for c in step_checkpoints(self.checkpoint_dir)]
 
     def save_checkpoint(self, step: int, trained_tokens: int, loss: float | None = None) -> Path:
         """fp32 master weights + optimizer/scheduler/scaler state (no pickles)."""
-        target = self.checkpoint_dir / f"step-{step:08d}"
+        target = self.checkpoint_dir / step_dir_name(step)
         if not distributed.is_main():  # ranks hold identical weights: rank 0 saves them
             return target
         with atomic_dir(target) as tmp:
             save_model(self.unwrapped_model, str(tmp / "model.safetensors"))
             save_training_state(tmp, self.optimizer, self.scheduler, self.scaler)
-            (tmp / "trainer.json").write_text(
+            (tmp / TRAINER_FILE).write_text(
                 json.dumps(
                     {
                         "step": step,
@@ -268,7 +263,7 @@ class Trainer:
         _, path = found[-1]
         load_model(self.unwrapped_model, str(path / "model.safetensors"))
         load_training_state(path, self.optimizer, self.scheduler, self.scaler)
-        meta = json.loads((path / "trainer.json").read_text())
+        meta = json.loads((path / TRAINER_FILE).read_text())
         return int(meta["step"]), int(meta["trained_tokens"]), meta.get("loss")
 
     # -- the loop ----------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +24,7 @@ from app.queries import (
 )
 from app.schemas import JobOut, Page
 from app.schemas_lifecycle import CheckpointList, CheckpointOut, JobMetricsOut, StepMetric
+from das_engine.layout import unfinished_stage_checkpoints
 from service_core.models import (
     JOB_STATUSES,
     JOB_SUCCEEDED,
@@ -133,24 +133,11 @@ def step_checkpoints(
     )
     if latest != stage.position:
         return []
-    root = lineage_dir(settings, stage.lineage_id) / "stages"
     position = _engine_position(session, stage)
-    found: dict[int, datetime] = {}
-    for partial in root.glob(f"{position:03d}-*.partial"):
-        try:
-            state = json.loads((partial / "stage.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if state.get("name") != stage.name:
-            continue
-        for step_dir in (partial / "checkpoints").glob("step-*"):
-            try:  # the trainer may remove an old one meanwhile
-                meta = json.loads((step_dir / "trainer.json").read_text())
-                written = (step_dir / "trainer.json").stat().st_mtime
-            except (OSError, ValueError):
-                continue
-            found[int(meta["step"])] = datetime.fromtimestamp(written, UTC)
-    return sorted(found.items())
+    found = unfinished_stage_checkpoints(
+        lineage_dir(settings, stage.lineage_id), position, stage.name
+    )
+    return [(c.step, datetime.fromtimestamp(c.written_at, UTC)) for c in found]
 
 
 def list_checkpoints(
