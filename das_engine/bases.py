@@ -166,7 +166,7 @@ def build_tiny_model(
         }
         if family.llama_config_keys:
             keys.update(num_key_value_heads=max(1, heads // 2), head_dim=hidden_size // heads)
-        else:
+        elif family.objective == "mlm":
             keys.update(type_vocab_size=1)
     config = AutoConfig.for_model(architecture, **keys, **common)
     for key, value in config.to_dict().items():  # every dropout rate the config has

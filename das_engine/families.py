@@ -28,7 +28,10 @@ class Family:
     q: str | None = None
     k: str | None = None
     v: str | None = None
-    fused_qkv: str | None = None  # GPT-2 style c_attn holding q|k|v
+    fused_qkv: str | None = None  # one projection holding q, k and v
+    #: fused q/k/v laid out per head ([q_h k_h v_h] for each head h: GPT-NeoX), not as
+    #: [q | k | v] (GPT-2)
+    qkv_per_head: bool = False
     conv1d: bool = False  # GPT-2 Conv1D stores weights as [in, out]
     #: config attribute naming the FFN's activation (CPT's plugins use the same one)
     activation: str = "hidden_act"
@@ -68,6 +71,16 @@ _GPT2 = Family(
     conv1d=True,
     activation="activation_function",
 )
+_GPT_NEOX = Family(
+    layers="layers",
+    objective="clm",
+    head="lm_head",  # Pythia checkpoints name it embed_out; transformers renames it on load
+    fused_qkv="attention.query_key_value",
+    qkv_per_head=True,
+    attn_out="attention.dense",
+    ffn_in=("mlp.dense_h_to_4h",),
+    ffn_out="mlp.dense_4h_to_h",
+)
 #: Llama's layout: q/k/v/o projections (grouped K/V heads), a gated FFN (gate, up, down)
 _LLAMA = Family(
     layers="layers",
@@ -90,6 +103,7 @@ FAMILIES: dict[str, Family] = {
     "xlm-roberta": _ROBERTA,
     "camembert": _ROBERTA,
     "gpt2": _GPT2,
+    "gpt_neox": _GPT_NEOX,  # Pythia
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,

@@ -146,7 +146,11 @@ def build_unit_map(model: nn.Module) -> UnitMap:
         if family.fused_qkv:
             fused = layer.get_submodule(family.fused_qkv)
             width = _out_features(fused, conv)
-            add(fused, "head", i, True, (torch.arange(width) % (num_heads * head_dim)) // head_dim)
+            if family.qkv_per_head:  # [q_h k_h v_h] per head h
+                heads = torch.arange(width) // (width // num_heads)
+            else:  # [q | k | v]
+                heads = (torch.arange(width) % (num_heads * head_dim)) // head_dim
+            add(fused, "head", i, True, heads)
         else:
             add(layer.get_submodule(family.q), "head", i, True, q_heads)
             kv_heads = torch.arange(num_kv * head_dim) // head_dim

@@ -8,6 +8,7 @@ A new ``Family`` entry is picked up by these tests with no edit here."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -107,6 +108,54 @@ def test_gates_of_one_change_nothing_zero_gates_do_and_all_get_gradients(family_
 LOGIT_KNOBS = {"logits_scaling": 8.0, "final_logit_softcapping": 2.0, "logit_scale": 0.25}
 
 
+@pytest.mark.parametrize("arch", supported_model_types())
+def test_the_rows_a_head_owns_are_the_ones_that_write_its_context(arch):
+    """Zero the q/k/v rows (and biases) the unit map gives one K/V group's heads in layer 0:
+    those heads' context (the attention output projection's input) is then exactly 0, since
+    q = k = 0 attends uniformly over v = 0. A wrong layout ([q|k|v] read as per-head, or
+    the reverse) leaves parts of their q/k/v alive."""
+    model, tok = _tiny(arch, seed=3)
+    um = build_unit_map(model)
+    fam = um.family
+    group = um.num_heads // um.num_kv_heads
+    batch = _batch(tok, um.objective, seed=3)
+    seen: list[torch.Tensor] = []
+    hook = um.module(0, fam.attn_out).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().clone())
+    )
+    try:
+        for kv in (0, um.num_kv_heads - 1):
+            heads = list(range(kv * group, (kv + 1) * group))
+            cut = copy.deepcopy(model)
+            cut_map = build_unit_map(cut)
+            with torch.no_grad():
+                for s in cut_map.slices:
+                    if s.kind != "head" or s.layer != 0 or fam.attn_out in s.name:
+                        continue
+                    owned = (
+                        s.unit_index == kv
+                        if s.group > 1
+                        else torch.isin(s.unit_index, torch.tensor(heads))
+                    )
+                    s.param.index_fill_(s.axis, torch.nonzero(owned).flatten(), 0.0)
+            seen.clear()
+            with torch.no_grad():
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            plain = seen[-1]
+            cut_hook = cut_map.module(0, fam.attn_out).register_forward_pre_hook(
+                lambda _m, args: seen.append(args[0].detach().clone())
+            )
+            with torch.no_grad():
+                cut(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            cut_hook.remove()
+            ctx = seen[-1].view(*seen[-1].shape[:-1], um.num_heads, um.head_dim)
+            ref = plain.view_as(ctx)
+            assert ref[..., heads, :].abs().max() > 1e-4  # the heads were alive
+            assert ctx[..., heads, :].abs().max() < 1e-6, (arch, kv)
+    finally:
+        hook.remove()
+
+
 def _bite(model) -> None:
     """Large logits, and every logit transform the config knows of set to change the loss."""
     with torch.no_grad():
@@ -193,7 +242,7 @@ def test_every_family_builds_with_init_base_choices():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "gpt_neox"])
 def test_bf16_lineage_on_a_new_family_from_init_base(arch, tmp_path, capsys):
     """What a user runs: ``init-base --arch <family> --dropout 0``, then two domains in bf16
     autocast with bf16 checkpoints; DAS's views use importance_dropout (no native dropout)."""

@@ -48,6 +48,7 @@ AUTO = {
     "roberta": AutoModelForMaskedLM,
     "gpt2": AutoModelForCausalLM,
     "llama": AutoModelForCausalLM,
+    "gpt_neox": AutoModelForCausalLM,
     "qwen3": AutoModelForCausalLM,
     "gemma2": AutoModelForCausalLM,  # its own activation key (hidden_activation)
 }

@@ -34,7 +34,7 @@ from . import test_strategies_baselines as baselines
 
 tiny_dir, corpora, engine_cache = baselines.tiny, baselines.corpora, baselines.engine_cache
 #: one of each layout, and the newer decoders (q/k norms, sandwich norms, 1 + weight norms)
-ARCHS = ("bert", "roberta", "gpt2", "llama", "qwen3", "olmo2", "gemma2")
+ARCHS = ("bert", "roberta", "gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2")
 HIDDEN, WIDTH, LAYERS = 32, 64, 2
 _MODELS: dict[str, torch.nn.Module] = {}
 
@@ -132,7 +132,7 @@ def test_split_noise_breaks_the_copies_symmetry_but_not_the_function():
 # -- depth ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "olmo2", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2"])
 @pytest.mark.parametrize("new_layers", [1, 2, 3])
 def test_depth_growth_is_exact_for_pre_ln_decoders(arch, new_layers):
     model = model_of(arch)
