@@ -286,6 +286,10 @@ def markdown(results: dict) -> str:
         " of the last row; – when the run had no --end-tasks). mean ± std over seeds.",
         "",
     ]
+    failed = setup.get("failed") or []
+    if failed:  # left out of the table above; re-running the command retries them
+        lines += ["", f"{len(failed)} run(s) failed and are not in the table:", ""]
+        lines += [f"- {f['variant']} seed {f['seed']}: {f['error']}" for f in failed]
     return "\n".join(head + lines) + "\n"
 
 

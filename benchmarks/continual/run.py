@@ -371,17 +371,44 @@ def main(argv: list[str] | None = None) -> dict:
             last_draw[0] = time.perf_counter()
         return write_report(out, setup, variants, runs, draw=draw)
 
+    failed: list[dict] = []
+    setup["failed"] = failed
+
+    def fail(job: dict, exc: BaseException) -> None:
+        """One run that raised: reported, listed in the results, the others go on."""
+        failed.append(
+            {
+                "variant": job["variant"],
+                "seed": job["seed"],
+                "error": f"{type(exc).__name__}: {exc}",
+            }
+        )
+        print(f"[failed] {job['variant']} seed {job['seed']}: {failed[-1]['error']}", flush=True)
+
     results: dict = {}
     if args.jobs <= 1:
         for job in jobs:
-            results = record(run_one(job))
+            try:
+                m = run_one(job)
+            except Exception as exc:  # noqa: BLE001 - one failed run must not stop the rest
+                fail(job, exc)
+            else:
+                results = record(m)
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, job) for job in jobs]
+            futures = {pool.submit(run_one, job): job for job in jobs}
             for fut in as_completed(futures):
-                results = record(fut.result())
+                try:
+                    m = fut.result()
+                except Exception as exc:  # noqa: BLE001
+                    fail(futures[fut], exc)
+                else:
+                    results = record(m)
+    if failed:
+        results = write_report(out, setup, variants, runs, draw=bool(runs))
+        print(f"{len(failed)} of {len(jobs)} runs failed (listed in results.md)", flush=True)
     return results
 
 
@@ -390,4 +417,4 @@ def variants_of(results: dict) -> list[Variant]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["setup"].get("failed") else 0)

@@ -277,3 +277,38 @@ def test_saturation_table_lists_each_stage_and_kind():
     assert rows == ["| das | 0.50 / – / – / – / – | 0.88 / – / – / – / 1.00 |"]
     assert not any(line.startswith("| ncl ") for line in lines)  # NCL measures no importance
     assert saturation_table({"ncl": {"importance": None}}) == []
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
+    """One run that raises (here LineageBusy, as when an orphaned worker still holds the
+    lineage) is listed in results.json and results.md; every other run is reported."""
+    from das_engine.errors import LineageBusyError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (name, words) in enumerate(VOCAB.items()):
+        _corpus(data / f"{name}.txt", words, 60, i)
+    real = bench.run_one
+
+    def flaky(job: dict) -> dict:
+        if job["variant"] == "ncl" and job["seed"] == 0:
+            raise LineageBusyError("the lineage is being trained by another process")
+        return real(job)
+
+    monkeypatch.setattr(bench, "run_one", flaky)
+    out = tmp_path / "bench"
+    args = ["--domains", "farm,sea", "--data-dir", str(data), "--base", "tiny-roberta"]
+    args += ["--strategies", "ncl", "--no-controls", "--seeds", "0,1"]
+    args += ["--tokens-per-domain", "128", "--train-slack", "3", "--eval-tokens", "300"]
+    args += ["--set", "batch_size=4", "--set", "block_size=32", "--set", "eval_max_batches=1"]
+    results = bench.main([*args, "--out", str(out)])
+    assert results["strategies"]["ncl"]["seeds"] == [1]  # the run that worked is reported
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["setup"]["failed"] == [
+        {
+            "variant": "ncl",
+            "seed": 0,
+            "error": "LineageBusyError: the lineage is being trained by another process",
+        }
+    ]
+    assert "ncl seed 0: LineageBusyError" in (out / "results.md").read_text()
