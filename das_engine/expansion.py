@@ -35,6 +35,9 @@ from das_engine.units import Family, build_unit_map
 #: config attribute holding the FFN width / the layer count, by family layer path
 _FFN_KEYS = ("intermediate_size", "n_inner")
 _DEPTH_KEYS = ("num_hidden_layers", "n_layer")
+#: config lists with one entry per layer (attention kind; SmolLM3's rotary on/off): a
+#: copied layer gets its source's entry, or a saved deeper model would not load
+_PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
 
 
 def _set_config(config, keys: tuple[str, ...], value: int) -> None:
@@ -151,10 +154,11 @@ def deepen(model: nn.Module, new_layers: int) -> dict[str, int]:
                 module.layer_idx = i
     config = model.config
     _set_config(config, _DEPTH_KEYS, len(stack))
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and len(layer_types) == old:
-        for src in sources:
-            layer_types.insert(src + 1, layer_types[src])
+    for key in _PER_LAYER_LISTS:
+        per_layer = getattr(config, key, None)
+        if isinstance(per_layer, list) and len(per_layer) == old:
+            for src in sources:
+                per_layer.insert(src + 1, per_layer[src])
     return {"num_layers_before": old, "num_layers": len(stack)}
 
 

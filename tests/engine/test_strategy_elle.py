@@ -132,15 +132,24 @@ def test_split_noise_breaks_the_copies_symmetry_but_not_the_function():
 # -- depth ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2"])
+DECODERS = ["gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "smollm3"]
+
+
+@pytest.mark.parametrize("arch", [*DECODERS, "granite"])
 @pytest.mark.parametrize("new_layers", [1, 2, 3])
-def test_depth_growth_is_exact_for_pre_ln_decoders(arch, new_layers):
+def test_depth_growth_is_exact_for_pre_ln_decoders(arch, new_layers, tmp_path):
     model = model_of(arch)
     deep = copy.deepcopy(model)
     assert deepen(deep, new_layers) == {"num_layers_before": LAYERS, "num_layers": 2 + new_layers}
     per_layer = sum(p.numel() for p in build_unit_map(model).layers[0].parameters())
     assert parameter_count(deep) - parameter_count(model) == new_layers * per_layer
     assert gap(deep, model, a_batch()) < 1e-5  # tolerance: float rounding only
+    # the saved deeper model loads with plain transformers (per-layer config lists such as
+    # layer_types and SmolLM3's no_rope_layers grew with it) and computes the same function
+    deep.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.config.num_hidden_layers == 2 + new_layers
+    assert gap(back, model, a_batch()) < 1e-5
 
 
 def test_depth_growth_for_post_ln_encoders_is_exact_only_with_identity_norms():
