@@ -170,7 +170,8 @@ def build_tiny_model(
             keys.update(type_vocab_size=1)
     config = AutoConfig.for_model(architecture, **keys, **common)
     for key, value in config.to_dict().items():  # every dropout rate the config has
-        if "dropout" in key and isinstance(value, float) and not isinstance(value, bool):
+        rate = "dropout" in key or key.endswith("_pdrop")  # Phi's resid_pdrop, embd_pdrop
+        if rate and isinstance(value, float) and not isinstance(value, bool):
             setattr(config, key, dropout)
     auto = AutoModelForMaskedLM if family.objective == "mlm" else AutoModelForCausalLM
     return auto.from_config(config)

@@ -87,11 +87,14 @@ def widen_ffn_layer(
     in_axis = 1 - out_axis
     for path in family.ffn_in:  # duplicated rows: the same pre-activations
         module = layer.get_submodule(path)
-        idx = plan.to(module.weight.device)
+        old = module.weight.shape[out_axis] // family.ffn_in_stacked
+        # a stacked projection ([gate | up]) duplicates the same units in each part
+        idx = torch.cat([plan + k * old for k in range(family.ffn_in_stacked)])
+        idx = idx.to(module.weight.device)
         _replace(module, "weight", module.weight.index_select(out_axis, idx))
         if getattr(module, "bias", None) is not None:
             _replace(module, "bias", module.bias.index_select(0, idx))
-        _resize_attrs(module, len(plan), None)
+        _resize_attrs(module, len(idx), None)
     down = layer.get_submodule(family.ffn_out)
     w = down.weight.float()
     idx = plan.to(w.device)

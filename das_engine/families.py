@@ -28,11 +28,13 @@ class Family:
     q: str | None = None
     k: str | None = None
     v: str | None = None
-    fused_qkv: str | None = None  # one projection holding q, k and v
+    fused_qkv: str | None = None  # one projection holding q, k and v ([q | k | v])
     #: fused q/k/v laid out per head ([q_h k_h v_h] for each head h: GPT-NeoX), not as
     #: [q | k | v] (GPT-2)
     qkv_per_head: bool = False
     conv1d: bool = False  # GPT-2 Conv1D stores weights as [in, out]
+    #: each ``ffn_in`` projection stacks this many (Phi-3's gate_up_proj: [gate | up], 2)
+    ffn_in_stacked: int = 1
     #: config attribute naming the FFN's activation (CPT's plugins use the same one)
     activation: str = "hidden_act"
     #: position ids start after the padding index (RoBERTa): pad_token_id + 1 fewer positions
@@ -43,8 +45,8 @@ class Family:
     logits_softcap: str | None = None
     #: norm layers scale by (offset + weight) (Gemma's RMSNorm: 1 + weight)
     norm_weight_offset: float = 0.0
-    #: ``bases.build_tiny_model`` builds one from generic keys (hidden_size, heads,
-    #: num_key_value_heads, intermediate_size, attention_dropout, ...): the Llama layout
+    #: ``bases.build_tiny_model`` gives its config num_key_value_heads and head_dim (the
+    #: decoders with grouped K/V heads)
     llama_config_keys: bool = False
 
 
@@ -81,6 +83,32 @@ _GPT_NEOX = Family(
     ffn_in=("mlp.dense_h_to_4h",),
     ffn_out="mlp.dense_4h_to_h",
 )
+#: Phi-3 (and Phi-3.5 / Phi-4-mini): q/k/v fused as [q | k | v] with grouped K/V heads,
+#: gate and up fused as [gate | up]
+_PHI3 = Family(
+    layers="layers",
+    objective="clm",
+    head="lm_head",
+    fused_qkv="self_attn.qkv_proj",
+    attn_out="self_attn.o_proj",
+    ffn_in=("mlp.gate_up_proj",),
+    ffn_in_stacked=2,
+    ffn_out="mlp.down_proj",
+    llama_config_keys=True,
+)
+#: Phi-1.5 / Phi-2: separate q/k/v, an ungated FFN, one norm per (parallel) block
+_PHI = Family(
+    layers="layers",
+    objective="clm",
+    head="lm_head",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    attn_out="self_attn.dense",
+    ffn_in=("mlp.fc1",),
+    ffn_out="mlp.fc2",
+    llama_config_keys=True,
+)
 #: Llama's layout: q/k/v/o projections (grouped K/V heads), a gated FFN (gate, up, down)
 _LLAMA = Family(
     layers="layers",
@@ -115,6 +143,8 @@ FAMILIES: dict[str, Family] = {
     "gemma": _GEMMA,
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
+    "phi3": _PHI3,
+    "phi": _PHI,
 }
 
 

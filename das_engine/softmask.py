@@ -39,7 +39,10 @@ def parameter_factors(
         unit_imp = importance.values[s.kind][s.layer].to(s.param.device, torch.float32)
         if s.group > 1:  # one K/V head serves `group` query heads: protect it as the max
             unit_imp = unit_imp.view(-1, s.group).amax(dim=1)
-        keep = 1.0 - unit_imp[s.unit_index.to(s.param.device)]
+        index = s.unit_index.to(s.param.device)
+        if bool((index < 0).any()):  # positions another slice owns: index -1 keeps them (1)
+            unit_imp = torch.cat([unit_imp, unit_imp.new_zeros(1)])
+        keep = 1.0 - unit_imp[index]
         axes = per_axis.setdefault(s.name, {})
         axes[s.axis] = axes[s.axis] * keep if s.axis in axes else keep
         params[s.name] = s.param

@@ -29,6 +29,8 @@ class ParamSlice:
 
     ``unit_index[j]`` is the unit that owns position ``j`` along ``axis``; with grouped
     KV heads, ``group`` query heads share one K/V head, whose importance is their max.
+    ``-1``: no unit of this slice owns position ``j`` (a fused [q | k | v] with grouped K/V
+    heads is two slices of one parameter: the query rows', the K/V rows').
     """
 
     name: str
@@ -146,11 +148,17 @@ def build_unit_map(model: nn.Module) -> UnitMap:
         if family.fused_qkv:
             fused = layer.get_submodule(family.fused_qkv)
             width = _out_features(fused, conv)
+            pos = torch.arange(width)
+            q_width, kv_width = num_heads * head_dim, num_kv * head_dim
             if family.qkv_per_head:  # [q_h k_h v_h] per head h
-                heads = torch.arange(width) // (width // num_heads)
-            else:  # [q | k | v]
-                heads = (torch.arange(width) % (num_heads * head_dim)) // head_dim
-            add(fused, "head", i, True, heads)
+                add(fused, "head", i, True, pos // (width // num_heads))
+            elif num_kv == num_heads:  # [q | k | v]
+                add(fused, "head", i, True, (pos % q_width) // head_dim)
+            else:  # [q | k | v] with grouped K/V heads: query rows, then K/V rows
+                q_rows = torch.where(pos < q_width, pos // head_dim, -1)
+                kv_rows = torch.where(pos >= q_width, ((pos - q_width) % kv_width) // head_dim, -1)
+                add(fused, "head", i, True, q_rows)
+                add(fused, "head", i, True, kv_rows, num_heads // num_kv)
         else:
             add(layer.get_submodule(family.q), "head", i, True, q_heads)
             kv_heads = torch.arange(num_kv * head_dim) // head_dim
@@ -158,8 +166,9 @@ def build_unit_map(model: nn.Module) -> UnitMap:
             add(layer.get_submodule(family.k), "head", i, True, kv_heads, group)
             add(layer.get_submodule(family.v), "head", i, True, kv_heads, group)
         add(layer.get_submodule(family.attn_out), "head", i, False, q_heads)
-        for path in family.ffn_in:
-            add(layer.get_submodule(path), "intermediate", i, True, torch.arange(inter))
+        for path in family.ffn_in:  # a stacked one ([gate | up]) holds each unit k times
+            stacked = torch.arange(inter * family.ffn_in_stacked) % inter
+            add(layer.get_submodule(path), "intermediate", i, True, stacked)
         add(layer.get_submodule(family.ffn_out), "output", i, True, torch.arange(hidden))
 
     return UnitMap(

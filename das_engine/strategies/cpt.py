@@ -164,7 +164,7 @@ class Plugin(nn.Module):
         bias = getattr(first, "bias", None) is not None
         hidden = unit_map.hidden_size
         self.layers = nn.ModuleList(
-            LayerPlugin(hidden, size, len(fam.ffn_in), bias, act)
+            LayerPlugin(hidden, size, len(fam.ffn_in) * fam.ffn_in_stacked, bias, act)
             for _ in range(unit_map.num_layers)
         )
         self.embedding = nn.Parameter(torch.randn(unit_map.num_layers, size))
@@ -213,6 +213,27 @@ def _append(module: nn.Module, extra_w: torch.Tensor, extra_b, out_axis: bool, c
         module.in_features, module.out_features = n_in, n_out
 
 
+def _append_stacked(module: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """Append rows to each part of a stacked projection (Phi-3's [gate | up]): part k's
+    new rows go after part k's, so the model's own split still finds gate, then up."""
+    k = len(parts)
+    w = module.weight.data
+    chunks = w.chunk(k, dim=0)
+    module.weight = nn.Parameter(
+        torch.cat(
+            [t for c, (rows, _) in zip(chunks, parts, strict=True) for t in (c, rows.to(w.dtype))]
+        )
+    )
+    if module.bias is not None:
+        biases = module.bias.data.chunk(k)
+        module.bias = nn.Parameter(
+            torch.cat(
+                [t for c, (_, b) in zip(biases, parts, strict=True) for t in (c, b.to(w.dtype))]
+            )
+        )
+    module.out_features = module.weight.shape[0]
+
+
 @torch.no_grad()
 def widen(model: nn.Module, unit_map: UnitMap, plugin: Plugin, mask: torch.Tensor) -> int:
     """Fold the plugin under the 0/1 ``mask`` [layers, size] into the FFNs as extra
@@ -226,10 +247,19 @@ def widen(model: nn.Module, unit_map: UnitMap, plugin: Plugin, mask: torch.Tenso
         # exactly nothing, and do not depend on what later domains train)
         order = torch.argsort(-mask[i], stable=True)[:extra]
         keep = mask[i, order]
-        for path, lin in zip(fam.ffn_in, lp.ins, strict=True):
-            bias = lin.bias[order] * keep if lin.bias is not None else None
-            rows = lin.weight[order] * keep[:, None]
-            _append(unit_map.module(i, path), rows, bias, True, fam.conv1d)
+        k = fam.ffn_in_stacked  # the plugin's input projections, k per FFN input module
+        for j, path in enumerate(fam.ffn_in):
+            parts = [
+                (
+                    lin.weight[order] * keep[:, None],
+                    lin.bias[order] * keep if lin.bias is not None else None,
+                )
+                for lin in lp.ins[j * k : (j + 1) * k]
+            ]
+            if k == 1:
+                _append(unit_map.module(i, path), *parts[0], True, fam.conv1d)
+            else:
+                _append_stacked(unit_map.module(i, path), parts)
         cols = lp.out.weight[:, order] * keep
         _append(unit_map.module(i, fam.ffn_out), cols, None, False, fam.conv1d)
     config = model.config

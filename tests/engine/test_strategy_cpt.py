@@ -51,6 +51,7 @@ AUTO = {
     "gpt_neox": AutoModelForCausalLM,
     "qwen3": AutoModelForCausalLM,
     "gemma2": AutoModelForCausalLM,  # its own activation key (hidden_activation)
+    "phi3": AutoModelForCausalLM,  # gate and up stacked in one projection
 }
 
 
@@ -100,14 +101,19 @@ def test_widened_export_is_the_plugin_model_under_the_mask(tokenizer, batch, tmp
     plain = AUTO[arch].from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).logits, with_plugin, rtol=1e-4, atol=1e-5)
-    # the backbone is the base: its FFN units come first, unchanged, every other weight equal
+    # the backbone is the base: its FFN units come first (in each part of a stacked
+    # [gate | up] projection), unchanged, every other weight equal
     inter = intermediate(base.config)
     got = plain.state_dict()
     for name, w in base.state_dict().items():
         if got[name].shape != w.shape:
             axis = next(a for a in range(w.dim()) if got[name].shape[a] != w.shape[a])
-            assert got[name].shape[axis] == inter + extra and w.shape[axis] == inter
-            assert torch.equal(got[name].narrow(axis, 0, inter), w), name
+            parts = w.shape[axis] // inter  # 2 for a stacked projection
+            assert got[name].shape[axis] == parts * (inter + extra), name
+            for new_part, old_part in zip(
+                got[name].chunk(parts, axis), w.chunk(parts, axis), strict=True
+            ):
+                assert torch.equal(new_part.narrow(axis, 0, inter), old_part), name
         else:
             assert torch.equal(got[name], w), name
 

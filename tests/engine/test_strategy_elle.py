@@ -34,7 +34,7 @@ from . import test_strategies_baselines as baselines
 
 tiny_dir, corpora, engine_cache = baselines.tiny, baselines.corpora, baselines.engine_cache
 #: one of each layout, and the newer decoders (q/k norms, sandwich norms, 1 + weight norms)
-ARCHS = ("bert", "roberta", "gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2")
+ARCHS = ("bert", "roberta", "gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2", "phi3", "phi")
 HIDDEN, WIDTH, LAYERS = 32, 64, 2
 _MODELS: dict[str, torch.nn.Module] = {}
 
@@ -101,7 +101,9 @@ def test_ffn_widening_keeps_the_function(arch, growth, noise, seed):
     assert unit_map.intermediate_size == new
     assert (wide.config.intermediate_size if arch != "gpt2" else wide.config.n_inner) == new
     # per layer and new unit: its input rows (+ bias) in each input projection, its column
-    per_unit = 3 * HIDDEN if FAMILIES[arch].llama_config_keys else 2 * HIDDEN + 1
+    fam, um = FAMILIES[arch], build_unit_map(model)
+    biased = [um.module(0, p).bias is not None for p in fam.ffn_in]
+    per_unit = sum(fam.ffn_in_stacked * (HIDDEN + b) for b in biased) + HIDDEN
     assert parameter_count(wide) - before == LAYERS * (new - WIDTH) * per_unit
     batch = a_batch(seed)
     assert gap(wide, model, batch) < 1e-5
@@ -132,7 +134,9 @@ def test_split_noise_breaks_the_copies_symmetry_but_not_the_function():
 # -- depth ---------------------------------------------------------------------------------
 
 
-DECODERS = ["gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "smollm3"]
+DECODERS = [
+    "gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "smollm3", "phi3", "phi"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", [*DECODERS, "granite"])
