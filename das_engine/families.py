@@ -83,32 +83,6 @@ _GPT_NEOX = Family(
     ffn_in=("mlp.dense_h_to_4h",),
     ffn_out="mlp.dense_4h_to_h",
 )
-#: Phi-3 (and Phi-3.5 / Phi-4-mini): q/k/v fused as [q | k | v] with grouped K/V heads,
-#: gate and up fused as [gate | up]
-_PHI3 = Family(
-    layers="layers",
-    objective="clm",
-    head="lm_head",
-    fused_qkv="self_attn.qkv_proj",
-    attn_out="self_attn.o_proj",
-    ffn_in=("mlp.gate_up_proj",),
-    ffn_in_stacked=2,
-    ffn_out="mlp.down_proj",
-    llama_config_keys=True,
-)
-#: Phi-1.5 / Phi-2: separate q/k/v, an ungated FFN, one norm per (parallel) block
-_PHI = Family(
-    layers="layers",
-    objective="clm",
-    head="lm_head",
-    q="self_attn.q_proj",
-    k="self_attn.k_proj",
-    v="self_attn.v_proj",
-    attn_out="self_attn.dense",
-    ffn_in=("mlp.fc1",),
-    ffn_out="mlp.fc2",
-    llama_config_keys=True,
-)
 #: Llama's layout: q/k/v/o projections (grouped K/V heads), a gated FFN (gate, up, down)
 _LLAMA = Family(
     layers="layers",
@@ -122,6 +96,19 @@ _LLAMA = Family(
     ffn_out="mlp.down_proj",
     llama_config_keys=True,
 )
+#: Phi-3 (and Phi-3.5 / Phi-4-mini): q/k/v fused as [q | k | v] with grouped K/V heads,
+#: gate and up fused as [gate | up]
+_PHI3 = replace(
+    _LLAMA,
+    q=None,
+    k=None,
+    v=None,
+    fused_qkv="self_attn.qkv_proj",
+    ffn_in=("mlp.gate_up_proj",),
+    ffn_in_stacked=2,
+)
+#: Phi-1.5 / Phi-2: separate q/k/v, an ungated FFN (fc1, fc2), one norm per parallel block
+_PHI = replace(_LLAMA, attn_out="self_attn.dense", ffn_in=("mlp.fc1",), ffn_out="mlp.fc2")
 _GEMMA = replace(_LLAMA, norm_weight_offset=1.0)
 _GEMMA2 = replace(_GEMMA, logits_softcap="final_logit_softcapping", activation="hidden_activation")
 
