@@ -32,10 +32,17 @@ from pathlib import Path
 
 import torch
 
-from das_engine.bases import build_tiny_model, cache_dir, save_base, train_tokenizer
+from das_engine.bases import (
+    DECODER_ARCHITECTURES,
+    build_tiny_model,
+    cache_dir,
+    save_base,
+    train_tokenizer,
+)
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, build_single_split, iter_documents
 from das_engine.evaluate import heldout_loss
+from das_engine.families import supported_model_types
 from das_engine.objective import Batcher
 from das_engine.pretraining import pretrain
 from das_engine.progress import ProgressEvent
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument(
         "--architecture",
-        choices=("roberta", "gpt2", "llama"),
+        choices=supported_model_types(),
         default="roberta",
         help="the new model's family: an MLM encoder or a causal decoder (ignored with --init)",
     )
@@ -137,7 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.hidden, args.layers = cfg.hidden_size, cfg.num_hidden_layers
         args.heads, args.intermediate = cfg.num_attention_heads, cfg.intermediate_size
     else:
-        tokenizer = train_tokenizer([train_txt], vocab_size=args.vocab, max_length=args.block_size)
+        tokenizer = train_tokenizer(
+            [train_txt],
+            vocab_size=args.vocab,
+            max_length=args.block_size,
+            decoder=args.architecture in DECODER_ARCHITECTURES,  # BOS only, as init-base
+        )
         model = build_tiny_model(
             tokenizer,
             architecture=args.architecture,

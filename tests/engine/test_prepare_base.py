@@ -8,7 +8,7 @@ import math
 import random
 
 from benchmarks.continual import prepare_base
-from das_engine.bases import load_model
+from das_engine.bases import load_model, load_tokenizer
 
 
 def _general(tmp_path, seed: int):  # noqa: ANN001, ANN202
@@ -77,3 +77,6 @@ def test_a_decoder_base_with_dropout_zero(tmp_path):
     model = load_model(out / "model")
     assert model.config.model_type == "llama" and model.config.attention_dropout == 0.0
     assert not model.config.is_encoder_decoder and model.can_generate()
+    tok = load_tokenizer(out / "model")  # a decoder's tokenizer: BOS first, no </s> after
+    ids = tok("the licence")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id and tok.sep_token_id is None
