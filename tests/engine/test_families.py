@@ -313,3 +313,27 @@ def test_bf16_lineage_on_a_new_family_from_init_base(arch, tmp_path, capsys):
         if not torch.equal(p.float(), base_model.get_parameter(n).float())
     ]
     assert moved  # it trained
+
+
+def test_a_family_entry_is_all_a_new_model_type_needs(monkeypatch, tmp_path, capsys):
+    """Helium (a Llama-layout model type transformers ships and we do not list): one entry
+    in FAMILIES, and init-base builds it, the CLI offers it, a lineage trains it and both
+    pre-flights know its position limit, with no other change."""
+    from app.preflight import max_positions as api_rule
+
+    assert "helium" not in FAMILIES
+    monkeypatch.setitem(FAMILIES, "helium", FAMILIES["llama"])
+    legal = write_corpus(tmp_path / "legal.txt", LEGAL)
+    base = tmp_path / "helium"
+    args = ["init-base", "--arch", "helium", "--dropout", "0", "--out", str(base)]
+    args += ["--from-corpus", str(legal), "--vocab-size", "300", "--hidden-size", "32"]
+    args += ["--intermediate-size", "64", "--max-positions", "64"]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert json.loads((base / "config.json").read_text())["model_type"] == "helium"
+    assert api_rule(AutoConfig.from_pretrained(base)) == 64
+    run = ["run", "--base", str(base), "--out", str(tmp_path / "lin"), "--quiet"]
+    run += ["--max-steps", "2", "--batch-size", "2", "--block-size", "32", str(legal)]
+    assert cli_main(run) == 0, capsys.readouterr().err
+    from das_engine.lineage import Lineage
+
+    assert Lineage.open(tmp_path / "lin").domains == ["legal"]
