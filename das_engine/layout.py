@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+LINEAGE_FILE = "lineage.json"
 STAGES_DIR = "stages"
 STAGE_FILE = "stage.json"
 PARTIAL_SUFFIX = ".partial"

@@ -35,7 +35,7 @@ from das_engine.errors import Cancelled, DomainExistsError, LineageBusyError, Li
 from das_engine.evaluate import heldout_loss
 from das_engine.expansion import parameter_count
 from das_engine.jsonsafe import finite
-from das_engine.layout import PARTIAL_SUFFIX, STAGE_FILE, STAGES_DIR
+from das_engine.layout import LINEAGE_FILE, PARTIAL_SUFFIX, STAGE_FILE, STAGES_DIR
 from das_engine.metrics import summarize
 from das_engine.names import domain_name_problem
 from das_engine.objective import Batcher
@@ -148,7 +148,7 @@ class Lineage:
         allow_hub: bool = False,
     ) -> Lineage:
         path = Path(path)
-        if (path / "lineage.json").exists():
+        if (path / LINEAGE_FILE).exists():
             raise LineageError(f"{path} already holds a lineage; use add to continue it")
         if path.exists() and any(path.iterdir()):
             raise LineageError(f"{path} exists and is not empty")
@@ -184,14 +184,19 @@ class Lineage:
             precision = Precision.for_stage(cfg, device)
             loss = lineage._eval(model, unit_map, tokenizer, path / "general" / "eval", precision)
             meta["general"] = {"corpus": str(general_corpus), "base_loss": finite(loss)}
-        write_json(path / "lineage.json", meta)
+        write_json(path / LINEAGE_FILE, meta)
         return lineage
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """Whether ``path`` holds a lineage (a creation that crashed half-way leaves none)."""
+        return (Path(path) / LINEAGE_FILE).is_file()
 
     @classmethod
     def open(cls, path: Path) -> Lineage:
         path = Path(path)
         try:
-            meta = read_json(path / "lineage.json")
+            meta = read_json(path / LINEAGE_FILE)
         except FileNotFoundError:
             raise LineageError(f"{path} is not a lineage (no lineage.json)") from None
         except ValueError as exc:
@@ -504,5 +509,5 @@ class Lineage:
         for s in stages[:upto]:
             shutil.copytree(s.dir, out / STAGES_DIR / s.dir.name)
         meta = dict(self.meta, forked_from={"path": str(self.path), "stage": upto})
-        write_json(out / "lineage.json", meta)
+        write_json(out / LINEAGE_FILE, meta)
         return Lineage.open(out)

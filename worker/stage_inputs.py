@@ -62,7 +62,7 @@ def open_lineage(ctx: RunContext, spec: StageSpec) -> Any:
     from das_engine.lineage import Lineage as EngineLineage
 
     path = ctx.settings.lineages_dir / str(spec.lineage_id)
-    if (path / "lineage.json").exists():
+    if EngineLineage.exists(path):
         return EngineLineage.open(path)
     # Not created yet, or a creation that crashed half-way: start it afresh.
     shutil.rmtree(path, ignore_errors=True)

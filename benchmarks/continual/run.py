@@ -136,7 +136,7 @@ def run_one(job: dict) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     lin_dir = run_dir / "lineage"
-    if (lin_dir / "lineage.json").exists():
+    if Lineage.exists(lin_dir):
         lin = Lineage.open(lin_dir)
     else:
         if lin_dir.exists():
