@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from app.problems import Problem
+from das_engine.errors import IncompatibleConfigError
 from das_engine.families import max_positions  # the engine's rule (a torch-free module)
+from das_engine.preflight import check_config_against_model  # imports no torch
 from service_core.settings import Settings
 
 SAMPLE_CHARS = 64_000
@@ -35,21 +37,21 @@ def base_config(path: str, *, allow_hub: bool) -> Any:
 
 
 def check_against_base(settings: Settings, config: Any, base_model: str, base: Any) -> None:
-    """422 for hyper-parameters the base or the worker's device cannot run."""
-    limit = max_positions(base)
-    if limit is not None and config.block_size > limit:
-        message = (
-            f"block_size {config.block_size} exceeds the {limit} positions of base model "
-            f"{base_model!r}"
-        )
-        raise Problem(
-            422,
-            "invalid_hyperparameters",
-            message,
-            errors=[{"field": "hyperparameters.block_size", "message": message}],
-            limit=limit,
-            value=config.block_size,
-        )
+    """422 for hyper-parameters the base or the worker's device cannot run: the engine's
+    own checks against the base's config (``das_engine.preflight``: block size, gradient
+    checkpointing), then this server's device class."""
+    try:
+        check_config_against_model(config, base)
+    except IncompatibleConfigError as exc:
+        errors = [
+            {"field": f"hyperparameters.{d['field']}", "message": f"{d['field']} {d['message']}"}
+            for d in exc.details
+        ]
+        extra = {}
+        if any(d["field"] == "block_size" for d in exc.details):
+            extra = {"limit": max_positions(base), "value": config.block_size}
+        message = f"base model {base_model!r}: " + "; ".join(e["message"] for e in errors)
+        raise Problem(422, "invalid_hyperparameters", message, errors=errors, **extra) from None
     if config.mixed_precision == "fp16" and settings.worker_device == "cpu":
         message = (
             "mixed_precision fp16 needs a GPU and this server's workers train on CPU "

@@ -4,18 +4,22 @@ A config can be valid on its own and still impossible here: a block longer than 
 model's position table (an IndexError deep in the embeddings, after the lineage directory
 was made), fp16 autocast on a CPU, bf16 on a GPU without it, gradient checkpointing on a
 model class that has none. ``check_config_against_model`` names each such field the way
-``ConfigError`` does, so the CLI, the lineage and the service report it alike.
+``ConfigError`` does, so the CLI, the lineage and the service report it alike: the web API
+runs the same checks on a base's config before it stores a lineage, so torch is imported
+only where a device is checked.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from das_engine.config import TrainingConfig
 from das_engine.errors import IncompatibleConfigError
 from das_engine.families import FAMILIES, max_positions
+
+if TYPE_CHECKING:
+    import torch
 
 
 def max_block_size(model_config) -> int | None:
@@ -41,6 +45,8 @@ def _supports_gradient_checkpointing(model_config) -> bool | None:
 def resolve_device(config: TrainingConfig) -> torch.device:
     """``config.device`` as a usable torch device (cuda > cpu for "auto"; under torchrun
     a bare "cuda" is this rank's GPU, ``distributed.device``)."""
+    import torch
+
     from das_engine import distributed
 
     problem = None
@@ -90,6 +96,8 @@ def check_config_against_model(
             f"is not supported by this {model_config.model_type} model class",
         )
     if device is not None:
+        import torch
+
         device = torch.device(device)
         mode = config.mixed_precision
         if mode == "fp16" and device.type != "cuda":

@@ -43,6 +43,25 @@ def test_block_size_beyond_the_bases_positions_is_422(client, alice):
     assert len(client.get("/v1/lineages", headers=alice.headers).json()["data"]) == 1
 
 
+def test_the_api_runs_the_engines_model_checks(client, alice, monkeypatch):
+    """Gradient checkpointing on a model class without it is refused in the request, by the
+    same check the engine runs before training, and both problems are named at once."""
+    from transformers import RobertaForMaskedLM
+
+    monkeypatch.setattr(RobertaForMaskedLM, "supports_gradient_checkpointing", False)
+    hp = {**TINY_HP, "gradient_checkpointing": True, "block_size": 600}
+    body = assert_problem(create_lineage(client, alice, hyperparameters=hp), 422)
+    assert body["code"] == "invalid_hyperparameters"
+    assert [e["field"] for e in body["errors"]] == [
+        "hyperparameters.block_size",
+        "hyperparameters.gradient_checkpointing",
+    ]
+    assert body["limit"] == 512 and body["value"] == 600
+    monkeypatch.undo()
+    hp = {**TINY_HP, "gradient_checkpointing": True}
+    assert create_lineage(client, alice, hyperparameters=hp).status_code == 201
+
+
 def test_max_positions_follows_each_family():
     from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
 
