@@ -29,9 +29,10 @@ lint: install
 bench-step-cost: install
 	$(PY) benchmarks/step_cost.py
 
+FAMILY ?= llama
 bench-gpu: install
-	$(PY) benchmarks/gpu_decoder.py check
-	$(PY) benchmarks/gpu_decoder.py speed
+	$(PY) benchmarks/gpu_decoder.py check --family $(FAMILY)
+	$(PY) benchmarks/gpu_decoder.py speed --family $(FAMILY)
 
 # Peak memory of NCL vs DAS (~125M RoBERTa-base shape measured, 1.24B Llama accounted; ~2 min idle)
 bench-memory: install

@@ -12,8 +12,9 @@ Written for a lent CUDA machine (it refuses to run without one). Two parts:
    shapes of ~160M, ~1.1B and ~3B parameters (fp32 master weights, bf16 autocast), plus
    the per-stage importance pass. Model FLOP utilisation uses 6 N tokens per step.
 
-    python benchmarks/gpu_decoder.py check
+    python benchmarks/gpu_decoder.py check [--family qwen3]
     python benchmarks/gpu_decoder.py speed [--sizes 160m,1b,3b --seq 1024 --batch 8]
+        [--family llama|qwen3|gemma2|phi3|...]   (the same shapes in that family's config)
 
 Figures of a run are in docs/benchmark.md ("On a GPU").
 """
@@ -31,6 +32,7 @@ import torch
 
 from das_engine.config import TrainingConfig
 from das_engine.data import ChunkStore, write_rows
+from das_engine.families import FAMILIES
 from das_engine.importance import Importance, domain_importance
 from das_engine.objective import Batcher
 from das_engine.strategies import StageContext, make_strategy
@@ -48,15 +50,19 @@ SHAPES = {
 REPO = Path(__file__).resolve().parents[1]
 
 
-def llama(shape: str, device: torch.device, max_positions: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def llama(shape: str, device: torch.device, max_positions: int, family: str = "llama"):
+    """A decoder of ``shape`` in ``family``'s own config class (Llama's by default; any
+    family with grouped K/V heads: Qwen3, Gemma 2, Phi-3, ...), dropout 0, fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
-    cfg = LlamaConfig(
+    cfg = AutoConfig.for_model(
+        family,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
+        head_dim=hidden // heads,
         intermediate_size=inter,
         vocab_size=vocab,
         max_position_embeddings=max_positions,
@@ -116,7 +122,7 @@ def speed(args) -> list[dict]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                model = llama(shape, device, args.seq)
+                model = llama(shape, device, args.seq, args.family)
                 n_params = sum(p.numel() for p in model.parameters())
                 um = build_unit_map(model)
                 strategy_name = "ncl" if name == "ncl" else "das"
@@ -180,6 +186,7 @@ def speed(args) -> list[dict]:
                 tokens = args.batch * args.seq
                 row = {
                     "shape": shape,
+                    "family": args.family,
                     "params_M": round(n_params / 1e6, 1),
                     "variant": name,
                     "ms_per_step": round(step_s * 1000, 1),
@@ -312,7 +319,7 @@ def check(args) -> dict:
         h, n = args.check_hidden, args.check_layers
         base = build_tiny_model(
             tok,
-            architecture="llama",
+            architecture=args.family,
             hidden_size=h,
             layers=n,
             heads=8,
@@ -376,6 +383,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=["check", "speed"])
     p.add_argument("--sizes", default="160m,1b,3b")
+    p.add_argument(
+        "--family",
+        default="llama",
+        choices=[t for t, f in FAMILIES.items() if f.llama_config_keys],
+        help="the decoder family (its own config class) for both parts",
+    )
     p.add_argument("--variants", default="ncl,das0,das1")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
