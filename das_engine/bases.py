@@ -124,10 +124,12 @@ def build_tiny_model(
     max_positions: int = 512,
     seed: int = 0,
     dropout: float = 0.1,
+    head_dim: int | None = None,
 ):
     """A small model of any supported family from a config (no download); every dropout
     of the family's config set to ``dropout`` (the usual 0.1; real decoder checkpoints
-    have 0). Decoders of the Llama layout get half as many K/V heads as query heads."""
+    have 0). Decoders of the Llama layout get half as many K/V heads as query heads, and
+    heads of ``head_dim`` (default hidden / heads; Qwen3's and Gemma 2's are wider)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -165,7 +167,9 @@ def build_tiny_model(
             "max_position_embeddings": max_positions + (2 if family.padded_positions else 0),
         }
         if family.llama_config_keys:
-            keys.update(num_key_value_heads=max(1, heads // 2), head_dim=hidden_size // heads)
+            keys.update(
+                num_key_value_heads=max(1, heads // 2), head_dim=head_dim or hidden_size // heads
+            )
         elif family.objective == "mlm":
             keys.update(type_vocab_size=1)
     config = AutoConfig.for_model(architecture, **keys, **common)
