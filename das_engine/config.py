@@ -60,7 +60,7 @@ class TrainingConfig:
     importance_sample_ratio: float = 0.25  # share of the domain's chunks used for importance
     importance_max_batches: int = 32
     # Dropout for the two proxy-KL views (and the contrastive positive) of a model with no
-    # dropout of its own (Llama, Mistral, Qwen2, any config with every dropout at 0):
+    # dropout of its own (Llama, Qwen, Gemma, Phi-3, any config with every dropout at 0):
     # applied by hooks inside those views only, never in training or evaluation. A model
     # with its own dropout keeps it and ignores this. 0 = refuse such models (KL = 0).
     importance_dropout: float = 0.1

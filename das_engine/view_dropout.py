@@ -1,7 +1,7 @@
 """Dropout for the two-view objectives on models that have none of their own.
 
 The proxy-KL importance (spec, step 0) and the contrastive positive compare two dropout
-views of the same input. Llama, Mistral and Qwen2 (and any config with every dropout at 0)
+views of the same input. Llama, Qwen, Gemma, Phi-3 (any config with every dropout at 0)
 have no dropout, so both views would be identical. ``view_dropout`` then adds dropout by
 forward hooks, only inside its ``with`` block, at the places where GPT-2 and BERT apply
 their own: the word-embedding output and, in every layer, the outputs of the attention

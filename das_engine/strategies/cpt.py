@@ -5,8 +5,9 @@ plugin's neurons so that a domain, once trained, is never changed.
 The plugin: a small FFN of the layer's own form, ``cpt_plugin_size`` neurons wide, run in
 *parallel* with the layer's FFN on the FFN's input ``x`` and added to the FFN's output
 projection (before the residual sum, dropout and, for BERT, the LayerNorm):
-``FFN(x) + W_out (m_t * act(W_in x + b_in))``; for a gated MLP (Llama, Mistral, Qwen2)
-the neurons are gated like the MLP's, ``act(W_gate x) * (W_up x)``. ``act`` is the
+``FFN(x) + W_out (m_t * act(W_in x + b_in))``; for a gated MLP (Llama, Qwen, Gemma, and
+Phi-3, which stacks gate and up) the neurons are gated like the MLP's,
+``act(W_gate x) * (W_up x)``. ``act`` is the
 family's FFN activation, biases mirror the FFN's input projections, ``W_out`` has no bias
 and starts at zero (training starts at the base model). The forward hooks sit on the unit
 map's FFN modules, so every family with a unit map works.
