@@ -19,7 +19,7 @@ from pathlib import Path
 
 from das_engine import quiet_libraries
 from das_engine.errors import BaseModelError, UnsupportedArchitectureError
-from das_engine.families import FAMILIES, supported_model_types
+from das_engine.families import FAMILIES, supported_model_types, text_config
 
 BUILTIN_TINY = "tiny-roberta"
 MINILM = "all-minilm-l6-v2"
@@ -113,6 +113,17 @@ def wrap_tokenizer(tok, max_length: int = 512, *, decoder: bool = False):
     )
 
 
+#: the vision tower of a tiny ``with_vision`` base (SigLIP's keys): one layer, 28 px images
+_TINY_VISION = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "image_size": 28,
+    "patch_size": 14,
+}
+
+
 def build_tiny_model(
     tokenizer,
     *,
@@ -172,11 +183,17 @@ def build_tiny_model(
             )
         elif family.objective == "mlm":
             keys.update(type_vocab_size=1)
-    config = AutoConfig.for_model(architecture, **keys, **common)
-    for key, value in config.to_dict().items():  # every dropout rate the config has
-        rate = "dropout" in key or key.endswith("_pdrop")  # Phi's resid_pdrop, embd_pdrop
-        if rate and isinstance(value, float) and not isinstance(value, bool):
-            setattr(config, key, dropout)
+    if family.with_vision:  # the language model's settings, beside a tiny vision tower
+        config = AutoConfig.for_model(
+            architecture, text_config={**keys, **common}, vision_config=_TINY_VISION, **common
+        )
+    else:
+        config = AutoConfig.for_model(architecture, **keys, **common)
+    for part in {id(c): c for c in (config, text_config(config))}.values():
+        for key, value in part.to_dict().items():  # every dropout rate the config has
+            rate = "dropout" in key or key.endswith("_pdrop")  # Phi's resid_pdrop, embd_pdrop
+            if rate and isinstance(value, float) and not isinstance(value, bool):
+                setattr(part, key, dropout)
     auto = AutoModelForMaskedLM if family.objective == "mlm" else AutoModelForCausalLM
     return auto.from_config(config)
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from das_engine.families import text_config
 from das_engine.units import Family, build_unit_map
 
 #: config attribute holding the FFN width / the layer count, by family layer path
@@ -122,7 +123,7 @@ def widen_ffn(
     old = unit_map.intermediate_size
     for layer in unit_map.layers:
         widen_ffn_layer(layer, unit_map.family, split_plan(old, new_width, gen), noise, gen)
-    _set_config(model.config, _FFN_KEYS, new_width)
+    _set_config(text_config(model.config), _FFN_KEYS, new_width)
     return {"intermediate_size_before": old, "intermediate_size": new_width}
 
 
@@ -155,7 +156,7 @@ def deepen(model: nn.Module, new_layers: int) -> dict[str, int]:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = i
-    config = model.config
+    config = text_config(model.config)
     _set_config(config, _DEPTH_KEYS, len(stack))
     for key in _PER_LAYER_LISTS:
         per_layer = getattr(config, key, None)

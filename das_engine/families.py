@@ -48,6 +48,9 @@ class Family:
     #: ``bases.build_tiny_model`` gives its config num_key_value_heads and head_dim (the
     #: decoders with grouped K/V heads)
     llama_config_keys: bool = False
+    #: the task model wraps the language model beside a vision tower (Gemma 3 4B-27B):
+    #: its text settings are in ``config.text_config`` (``text_config``); DAS trains on text
+    with_vision: bool = False
 
 
 _BERT = Family(
@@ -130,6 +133,11 @@ FAMILIES: dict[str, Family] = {
     "gemma": _GEMMA,
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
+    # Gemma 3 4B-27B checkpoints: the text model beside a vision tower, trained on text;
+    # this task model applies no soft-cap (its checkpoints set none)
+    "gemma3": replace(
+        _GEMMA, layers="language_model.layers", activation="hidden_activation", with_vision=True
+    ),
     "phi3": _PHI3,
     "phi": _PHI,
 }
@@ -143,6 +151,13 @@ def family_of(model_config: Any) -> Family | None:
     return FAMILIES.get(getattr(model_config, "model_type", None))
 
 
+def text_config(model_config: Any) -> Any:
+    """The language model's settings: ``model_config`` itself, or the ``text_config`` of a
+    model that also has a vision tower (transformers' ``get_text_config``)."""
+    get = getattr(model_config, "get_text_config", None)
+    return get() if callable(get) else model_config
+
+
 def max_positions(model_config: Any) -> int | None:
     """The longest sequence a model of ``model_config`` can embed (None: no limit known).
 
@@ -150,12 +165,13 @@ def max_positions(model_config: Any) -> int | None:
     the others ``max_position_embeddings``; a family with ``padded_positions`` loses the
     positions up to the padding index (RoBERTa's 514 hold 512 tokens).
     """
+    family = family_of(model_config)
+    model_config = text_config(model_config)
     limit = getattr(model_config, "n_positions", None)
     if limit is None:
         limit = getattr(model_config, "max_position_embeddings", None)
     if not isinstance(limit, int) or isinstance(limit, bool):
         return None
-    family = family_of(model_config)
     if family is not None and family.padded_positions:
         pad = getattr(model_config, "pad_token_id", None)
         limit -= (pad if isinstance(pad, int) else 1) + 1
@@ -165,6 +181,7 @@ def max_positions(model_config: Any) -> int | None:
 def logits_transform(family: Family, model_config: Any) -> tuple[float | None, float | None]:
     """(divisor, soft-cap) the task model applies to its head's logits, None where it
     applies none: the loss must score the logits the model itself produces."""
+    model_config = text_config(model_config)
     divisor = getattr(model_config, family.logits_divisor, None) if family.logits_divisor else None
     cap = getattr(model_config, family.logits_softcap, None) if family.logits_softcap else None
     divisor = float(divisor) if divisor not in (None, 1, 1.0) else None

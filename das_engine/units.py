@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from das_engine.errors import UnsupportedArchitectureError
-from das_engine.families import FAMILIES, Family, logits_transform, supported_model_types
+from das_engine.families import (
+    FAMILIES,
+    Family,
+    logits_transform,
+    supported_model_types,
+    text_config,
+)
 
 UNIT_KINDS = ("head", "intermediate", "output")
 #: optional unit kinds the paper never masks: one unit per vocabulary row of the word
@@ -111,8 +117,8 @@ def _in_features(module: nn.Module, conv1d: bool) -> int:
 
 def build_unit_map(model: nn.Module) -> UnitMap:
     """Find the unit map of a Hugging Face model, or raise naming the supported families."""
-    config = model.config
-    model_type = getattr(config, "model_type", None)
+    model_type = getattr(model.config, "model_type", None)
+    config = text_config(model.config)  # the language model's (Gemma 3 beside its vision)
     family = FAMILIES.get(model_type)
     if family is None:
         raise UnsupportedArchitectureError(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from das_engine.families import text_config
 from das_engine.units import UnitMap
 
 
@@ -29,6 +30,7 @@ def native_dropout(model: nn.Module) -> float:
     """The largest dropout probability the model applies in train mode (0 = none)."""
     p = max((m.p for m in model.modules() if isinstance(m, nn.Dropout)), default=0.0)
     config = getattr(model, "config", None)
+    config = text_config(config) if config is not None else None
     return max(float(p), float(getattr(config, "attention_dropout", 0.0) or 0.0))
 
 

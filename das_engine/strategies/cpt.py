@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from das_engine.errors import IncompatibleConfigError
+from das_engine.families import text_config
 from das_engine.storage import atomic_path, read_json, write_json
 from das_engine.strategies.base import StageContext, Strategy
 from das_engine.strategies.replay import stage_name
@@ -118,7 +119,7 @@ def _activation(unit_map: UnitMap, config) -> nn.Module:
     ``hidden_activation``, GPT-2 ``activation_function``)."""
     from transformers.activations import ACT2FN
 
-    return ACT2FN[getattr(config, unit_map.family.activation)]
+    return ACT2FN[getattr(text_config(config), unit_map.family.activation)]
 
 
 def _features(module: nn.Module, conv1d: bool) -> tuple[int, int]:
@@ -263,7 +264,7 @@ def widen(model: nn.Module, unit_map: UnitMap, plugin: Plugin, mask: torch.Tenso
                 _append_stacked(unit_map.module(i, path), parts)
         cols = lp.out.weight[:, order] * keep
         _append(unit_map.module(i, fam.ffn_out), cols, None, False, fam.conv1d)
-    config = model.config
+    config = text_config(model.config)
     if getattr(config, "model_type", None) == "gpt2":
         config.n_inner = (config.n_inner or 4 * config.n_embd) + extra
     else:

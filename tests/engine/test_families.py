@@ -17,7 +17,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, GPT2Confi
 
 from das_engine.bases import DECODER_ARCHITECTURES, build_tiny_model, bundled_tokenizer
 from das_engine.cli import main as cli_main
-from das_engine.families import FAMILIES, logits_transform, max_positions, supported_model_types
+from das_engine.families import (
+    FAMILIES,
+    logits_transform,
+    max_positions,
+    supported_model_types,
+    text_config,
+)
 from das_engine.importance import Importance, domain_loss, raw_gate_gradients
 from das_engine.objective import IGNORE, lm_forward
 from das_engine.softmask import SoftMask
@@ -204,9 +210,10 @@ def _bite(model) -> None:
     """Large logits, and every logit transform the config knows of set to change the loss."""
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(40.0)  # tied or not, the logits grow
+    config = text_config(model.config)  # Gemma 3's are in its text_config
     for key, value in LOGIT_KNOBS.items():
-        if getattr(model.config, key, None) is not None or key in model.config.to_dict():
-            setattr(model.config, key, value)
+        if getattr(config, key, None) is not None or key in config.to_dict():
+            setattr(config, key, value)
 
 
 @pytest.mark.parametrize("arch", supported_model_types())
@@ -286,7 +293,7 @@ def test_every_family_builds_with_init_base_choices():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "gemma3", "gpt_neox", "phi3"])
 def test_bf16_lineage_on_a_new_family_from_init_base(arch, tmp_path, capsys):
     """What a user runs: ``init-base --arch <family> --dropout 0``, then two domains in bf16
     autocast with bf16 checkpoints; DAS's views use importance_dropout (no native dropout)."""
@@ -298,7 +305,8 @@ def test_bf16_lineage_on_a_new_family_from_init_base(arch, tmp_path, capsys):
     args += ["--hidden-size", "32", "--intermediate-size", "64", "--max-positions", "64"]
     assert cli_main(args) == 0, capsys.readouterr().err
     config = json.loads((base / "config.json").read_text())
-    assert config["model_type"] == arch and config["attention_dropout"] == 0
+    text = config.get("text_config") or config  # Gemma 3: the language model's settings
+    assert config["model_type"] == arch and text["attention_dropout"] == 0
     out = tmp_path / "lineage"
     run = ["run", "--base", str(base), "--out", str(out), "--quiet", "--json"]
     run += ["--max-steps", "3", "--batch-size", "4", "--block-size", "32"]

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 from das_engine.bases import load_model
 from das_engine.config import TrainingConfig
 from das_engine.errors import IncompatibleConfigError
+from das_engine.families import text_config
 from das_engine.lineage import Lineage
 from das_engine.strategies import StageContext, make_strategy
 from das_engine.strategies.cpt import (
@@ -52,6 +53,7 @@ AUTO = {
     "qwen3": AutoModelForCausalLM,
     "gemma2": AutoModelForCausalLM,  # its own activation key (hidden_activation)
     "phi3": AutoModelForCausalLM,  # gate and up stacked in one projection
+    "gemma3": AutoModelForCausalLM,  # the language model beside a vision tower
 }
 
 
@@ -60,11 +62,8 @@ def weights(model_dir) -> dict[str, torch.Tensor]:
 
 
 def intermediate(config) -> int:
-    return (
-        config.n_inner or 4 * config.n_embd
-        if config.model_type == "gpt2"
-        else config.intermediate_size
-    )
+    text = text_config(config)  # Gemma 3's language model settings
+    return text.n_inner or 4 * text.n_embd if text.model_type == "gpt2" else text.intermediate_size
 
 
 @pytest.mark.parametrize("arch", list(AUTO))

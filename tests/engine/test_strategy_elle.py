@@ -24,7 +24,7 @@ from das_engine.expansion import (
     split_plan,
     widen_ffn,
 )
-from das_engine.families import FAMILIES
+from das_engine.families import FAMILIES, text_config
 from das_engine.lineage import Lineage
 from das_engine.strategies import make_strategy
 from das_engine.strategies.elle import PROMPT, load_prompts, prompted_inputs
@@ -34,7 +34,10 @@ from . import test_strategies_baselines as baselines
 
 tiny_dir, corpora, engine_cache = baselines.tiny, baselines.corpora, baselines.engine_cache
 #: one of each layout, and the newer decoders (q/k norms, sandwich norms, 1 + weight norms)
-ARCHS = ("bert", "roberta", "gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2", "phi3", "phi")
+ARCHS = (
+    "bert", "roberta", "gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2", "phi3", "phi",
+    "gemma3",
+)  # fmt: skip
 HIDDEN, WIDTH, LAYERS = 32, 64, 2
 _MODELS: dict[str, torch.nn.Module] = {}
 
@@ -99,7 +102,8 @@ def test_ffn_widening_keeps_the_function(arch, growth, noise, seed):
     widen_ffn(wide, new, noise=noise, seed=seed)
     unit_map = build_unit_map(wide)
     assert unit_map.intermediate_size == new
-    assert (wide.config.intermediate_size if arch != "gpt2" else wide.config.n_inner) == new
+    text = text_config(wide.config)  # Gemma 3's language model settings
+    assert (text.intermediate_size if arch != "gpt2" else text.n_inner) == new
     # per layer and new unit: its input rows (+ bias) in each input projection, its column
     fam, um = FAMILIES[arch], build_unit_map(model)
     biased = [um.module(0, p).bias is not None for p in fam.ffn_in]
@@ -135,7 +139,8 @@ def test_split_noise_breaks_the_copies_symmetry_but_not_the_function():
 
 
 DECODERS = [
-    "gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "smollm3", "phi3", "phi"
+    "gpt2", "gpt_neox", "llama", "qwen3", "olmo2", "gemma2", "gemma3_text", "gemma3", "smollm3",
+    "phi3", "phi",
 ]  # fmt: skip
 
 
@@ -152,7 +157,7 @@ def test_depth_growth_is_exact_for_pre_ln_decoders(arch, new_layers, tmp_path):
     # layer_types and SmolLM3's no_rope_layers grew with it) and computes the same function
     deep.save_pretrained(tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert back.config.num_hidden_layers == 2 + new_layers
+    assert text_config(back.config).num_hidden_layers == 2 + new_layers
     assert gap(back, model, a_batch()) < 1e-5
 
 
