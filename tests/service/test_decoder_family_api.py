@@ -2,7 +2,8 @@
 with every dropout at 0 in the server's models folder, a lineage with a unicode name on
 ``das_replay`` with a protection budget and bf16 autocast, two domains trained by the
 worker (each in its own child process), then the stage-2 checkpoint downloaded and loaded
-by plain ``transformers`` as a bf16 Qwen3."""
+by plain ``transformers`` as a bf16 Qwen3; and a Gemma 3 base with a vision tower, listed
+and checked in the request."""
 
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ def env(tmp_path_factory):  # noqa: ANN201
         max_positions=128, dropout=0.0,
     )  # fmt: skip
     save_base(model.to(torch.bfloat16), tok, models / "qwen3-tiny")
+    gemma = build_tiny_model(
+        tok, architecture="gemma3", hidden_size=32, layers=2, heads=4, intermediate_size=64,
+        max_positions=128, dropout=0.0,
+    )  # fmt: skip
+    save_base(gemma.to(torch.bfloat16), tok, models / "gemma3-tiny")  # beside a vision tower
     with in_process_runner(tmp_path_factory.mktemp("decoder"), models_dir=models) as env:
         yield env
 
@@ -94,3 +100,21 @@ def test_bf16_qwen3_das_replay_lineage_through_the_api(env, tmp_path):
     assert config["attention_dropout"] == 0  # DAS's views never switched dropout on
     loaded = load_checkpoint_in_subprocess(model_dir, causal=True)
     assert loaded["finite"] and loaded["type"] == "qwen3" and loaded["dtype"] == "torch.bfloat16"
+
+
+def test_a_gemma3_base_with_a_vision_tower_is_listed_and_checked(env):
+    """Gemma 3 4B-27B's layout (text settings in text_config): the base list counts its
+    parameters, and the request's pre-flight reads the position limit from text_config."""
+    _, app, client, _, _ = env
+    owner = new_owner(app)
+    bases = client.get("/v1/base-models", headers=owner.headers).json()["data"]
+    gemma = next(b for b in bases if b["id"] == "gemma3-tiny")
+    assert gemma["architecture"] == "gemma3" and gemma["objective"] == "clm"
+    assert gemma["parameters"] > 0
+    too_long = {**HP, "block_size": 256}
+    r = create_lineage(client, owner, base_model="gemma3-tiny", hyperparameters=too_long)
+    body = r.json()
+    assert r.status_code == 422 and body["code"] == "invalid_hyperparameters", body
+    assert body["limit"] == 128 and body["value"] == 256
+    r = create_lineage(client, owner, base_model="gemma3-tiny", strategy="das", hyperparameters=HP)
+    assert r.status_code == 201, r.text
