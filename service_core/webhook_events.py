@@ -81,6 +81,10 @@ def record_job_status(session: Session, job: Job) -> int:
     if not endpoints:
         return 0
     session.flush()  # the job's id, defaults and updated_at as they will be stored
+    # and every other column as committed now: the row is locked by our flush, but the
+    # worker's heartbeat may have committed after ``job`` was loaded (the body would then
+    # show an older heartbeat_at than the job's own read, a moment later)
+    session.refresh(job)
     stage = session.get(Stage, job.stage_id)
     assert stage is not None
     body = job_out(job, stage).model_dump(mode="json")

@@ -111,3 +111,46 @@ def test_a_celery_worker_delivers_the_events_of_the_job_it_runs(postgres_url, re
         assert got[-1].json["data"]["job"] == final
         worker.process.terminate()  # SIGTERM: the dispatcher thread does not hold it up
         assert worker.process.wait(timeout=60) is not None
+
+
+def test_an_events_job_body_is_the_row_as_committed(postgres_url, tmp_path):
+    """A column another transaction committed after the job was loaded (the worker's
+    heartbeat, here by hand) is in the event's body: the body is the job as its own read
+    shows it, not the finishing session's older copy (seen once in CI: heartbeat_at)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import update
+
+    from service_core.lifecycle import JOB_CANCELLED, finish_job
+    from service_core.models import Job, WebhookDelivery
+    from tests.service.conftest import row_id
+
+    with (
+        receiver() as hook,
+        in_process_runner(tmp_path, database_url=postgres_url, **WEBHOOK_SETTINGS) as env,
+    ):
+        _, app, client, _, _ = env
+        owner = new_owner(app)
+        body = {"url": hook.url, "events": ["job.cancelled"]}
+        assert client.post("/v1/webhooks", headers=owner.headers, json=body).status_code == 201
+        lineage = create_lineage(client, owner).json()["id"]
+        job_id = add_domain(client, owner, lineage, "news")
+        row = row_id(app, Job, job_id)
+        beat = datetime(2026, 12, 8, 4, 24, 44, 702499, tzinfo=UTC)
+        factory = app.state.session_factory
+        with factory() as finishing, finishing.begin():
+            job = finishing.get(Job, row)  # loaded before the heartbeat below commits
+            assert job.heartbeat_at is None
+            with factory() as beating, beating.begin():
+                beating.execute(update(Job).where(Job.id == row).values(heartbeat_at=beat))
+            finish_job(finishing, job, JOB_CANCELLED, message="cancelled")
+        with factory() as session:
+            [delivery] = session.query(WebhookDelivery).filter_by(job_id=row).all()
+            sent = delivery.payload["data"]["job"]
+        assert sent["heartbeat_at"] == "2026-12-08T04:24:44.702499Z"
+
+        def shown() -> dict | bool:
+            j = client.get(f"/v1/jobs/{job_id}", headers=owner.headers).json()
+            return j["status"] == "cancelled" and j
+
+        assert wait_for(shown, 30, "the job read to show it cancelled", interval=0.05) == sent
