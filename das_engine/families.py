@@ -1,10 +1,11 @@
 """Model families as data: where a family keeps its units, what its LM head does to the
 logits, and how long a sequence it embeds.
 
-Adding a model family is one ``Family`` entry in ``FAMILIES`` (plus its model type in the
-tests' family list). Everything that depends on the family reads it from here: the unit
-map (``units.py``), the LM loss (``objective.py``), the block-size limit (the engine's and
-the API's pre-flight), the built-in tiny bases (``bases.build_tiny_model``). Imports no
+Adding a model family is one ``Family`` entry in ``FAMILIES``
+(``tests/engine/test_families.py`` runs every entry). Everything that depends on the family
+reads it from here: the unit map (``units.py``), the LM loss (``objective.py``), the
+block-size limit (the engine's and the API's pre-flight), the built-in tiny bases
+(``bases.build_tiny_model``), CPT's plugins and ELLE's growth. Imports no
 torch: the web API checks hyper-parameters against a base's config with it.
 """
 

@@ -48,11 +48,10 @@ def step_checkpoints(checkpoints_dir: Path) -> list[StepCheckpoint]:
         return out
     for d in checkpoints_dir.iterdir():
         step = step_of(d)
-        meta = d / TRAINER_FILE
         if step is None:
             continue
         try:
-            written = meta.stat().st_mtime
+            written = (d / TRAINER_FILE).stat().st_mtime
         except OSError:
             continue
         out.append(StepCheckpoint(step, written, d))

@@ -66,6 +66,10 @@ class UnitMap:
     slices: list[ParamSlice]
     #: slices of the EXTRA_KINDS units; masked only when a config asks for them
     extra_slices: list[ParamSlice] = field(default_factory=list)
+    #: what the task model does to its head's logits (Granite's division, Gemma 2's
+    #: soft-cap), read from the config once: ``logits`` runs every step
+    logits_divisor: float | None = None
+    logits_softcap: float | None = None
 
     @property
     def objective(self) -> str:
@@ -99,11 +103,10 @@ class UnitMap:
         """The task model's logits for hidden ``states``: its LM head, then what the
         family's task model does after it (Granite's division, Gemma 2's soft-cap)."""
         out = self.head_module(model)(states)
-        divisor, cap = logits_transform(self.family, model.config)
-        if divisor is not None:
-            out = out / divisor
-        if cap is not None:
-            out = torch.tanh(out / cap) * cap
+        if self.logits_divisor is not None:
+            out = out / self.logits_divisor
+        if self.logits_softcap is not None:
+            out = torch.tanh(out / self.logits_softcap) * self.logits_softcap
         return out
 
 
@@ -177,6 +180,7 @@ def build_unit_map(model: nn.Module) -> UnitMap:
             add(layer.get_submodule(path), "intermediate", i, True, stacked)
         add(layer.get_submodule(family.ffn_out), "output", i, True, torch.arange(hidden))
 
+    divisor, cap = logits_transform(family, model.config)
     return UnitMap(
         model_type=model_type,
         family=family,
@@ -189,6 +193,8 @@ def build_unit_map(model: nn.Module) -> UnitMap:
         layers=layers,
         slices=slices,
         extra_slices=_extra_slices(model, hidden, name_of, family.norm_weight_offset),
+        logits_divisor=divisor,
+        logits_softcap=cap,
     )
 
 

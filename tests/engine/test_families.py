@@ -284,12 +284,22 @@ def test_max_positions_is_one_rule_for_the_engine_and_the_api():
 
 def test_every_family_builds_with_init_base_choices():
     """The CLI offers every family, and an unknown one is refused naming them."""
+    from das_engine.cli import build_parser
     from das_engine.errors import UnsupportedArchitectureError
 
     tok = bundled_tokenizer(decoder=True)
     with pytest.raises(UnsupportedArchitectureError, match="qwen3"):
         build_tiny_model(tok, architecture="mamba")
     assert set(DECODER_ARCHITECTURES) == {t for t, f in FAMILIES.items() if f.objective == "clm"}
+    assert {"gpt2", "qwen3", "gemma3", "phi3"} <= set(DECODER_ARCHITECTURES)
+    assert not {"bert", "roberta"} & set(DECODER_ARCHITECTURES)  # they keep <s> ... </s>
+    for arch in FAMILIES:  # init-base --arch accepts every family, and nothing else
+        assert build_parser().parse_args(["init-base", "--out", "x", "--from-corpus", "c",
+                                          "--arch", arch]).arch == arch  # fmt: skip
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["init-base", "--out", "x", "--from-corpus", "c", "--arch", "mamba"]
+        )
 
 
 @pytest.mark.slow
